@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs (from proto/pdrouter_proto/*.proto; regenerate with `make proto`)."""

@@ -1,0 +1,1 @@
+"""The front door: HTTP + gRPC servers, tokenizer, KV index, routing, orchestration."""

@@ -1,0 +1,106 @@
+"""The public gRPC Inference service: same validation and orchestration as the HTTP API.
+
+Errors are gRPC status codes with the same messages the HTTP API puts in its error JSON;
+a cancelled or expired call cancels the worker calls with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdrouter_proto import inference_pb2 as pb
+from pdrouter_proto import inference_pb2_grpc as pb_grpc
+from router.errors import GRPC_CODES, ApiError, invalid
+from router.http_api import RouterState
+from router.requests import GenerationRequest, finish_request, new_request_id
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        lim = self.state.limits
+        model = pb.Model(id=lim.model_name, owned_by="pdrouter", created=self.state.started, max_model_len=lim.max_model_len)
+        return pb.ListModelsResponse(models=[model])
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            gen = await self._build(request)
+            route = self.state.orchestrator.route(gen)
+            await context.send_initial_metadata((("x-request-id", gen.request_id), ("x-pdrouter-route", route.header())))
+            usage_prompt = sum(len(p) for p in gen.prompts)
+            async for d in self.state.orchestrator.run(gen, route):
+                if d.text or d.token_ids:
+                    chunk = pb.Chunk(index=d.index, text=d.text, token_ids=d.token_ids)
+                    for lp in d.logprobs or ():
+                        chunk.logprobs.add(
+                            token_id=lp.token_id,
+                            logprob=lp.logprob,
+                            top_token_ids=[t for t, _ in lp.top],
+                            top_logprobs=[v for _, v in lp.top],
+                        )
+                    yield pb.GenerateResponse(request_id=gen.request_id, chunk=chunk)
+                if d.finish_reason is not None:
+                    usage = pb.Usage(
+                        prompt_tokens=usage_prompt,
+                        completion_tokens=d.completion_tokens,
+                        total_tokens=usage_prompt + d.completion_tokens,
+                        cached_tokens=d.cached_tokens,
+                    )
+                    yield pb.GenerateResponse(
+                        request_id=gen.request_id,
+                        complete=pb.Complete(index=d.index, finish_reason=d.finish_reason, usage=usage),
+                    )
+        except ApiError as exc:
+            await context.abort(grpc.StatusCode[GRPC_CODES.get(exc.status, "INTERNAL")], exc.message)
+
+    async def _build(self, r: pb.GenerateRequest) -> GenerationRequest:
+        state = self.state
+        model = state.limits.check_model(r.model or "default")
+        kind = r.WhichOneof("input")
+        if kind == "chat":
+            if not r.chat.messages:
+                raise invalid("'messages' must contain at least one message", "messages", "empty_array")
+            messages = [{"role": m.role, "content": m.content} for m in r.chat.messages]
+            prompt = await state.encode_chat(messages)
+        elif kind == "prompt":
+            prompt = await state.encode_text(r.prompt)
+        elif kind == "tokens":
+            prompt = list(r.tokens.token_ids)
+        else:
+            raise invalid("one of 'chat', 'prompt' or 'tokens' is required", "input")
+        gen = GenerationRequest(r.request_id or new_request_id("gen"), model, [prompt], 0, chat=kind == "chat")
+        if r.HasField("temperature"):
+            if not 0.0 <= r.temperature <= 2.0:
+                raise invalid(f"'temperature' must be in [0.0, 2.0]; got {r.temperature}", "temperature")
+            gen.temperature = r.temperature
+        if r.HasField("top_p"):
+            if not 0.0 < r.top_p <= 1.0:
+                raise invalid(f"'top_p' must be in (0.0, 1.0]; got {r.top_p}", "top_p")
+            gen.top_p = r.top_p
+        if r.HasField("top_k"):
+            if r.top_k < -1:
+                raise invalid(f"'top_k' must be -1 (off), 0 (off) or a positive integer; got {r.top_k}", "top_k")
+            gen.top_k = max(0, r.top_k)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if r.HasField(name) and getattr(r, name):
+                raise invalid(f"'{name}' is not supported by this server; omit it or send 0", name)
+        if r.n > 16:
+            raise invalid(f"'n' must be between 1 and 16; got {r.n}", "n")
+        gen.n = max(1, r.n)
+        if len(r.stop) > 4 or any(not s for s in r.stop):
+            raise invalid("'stop' accepts at most 4 non-empty strings", "stop")
+        gen.stop = list(r.stop)
+        gen.seed = r.seed if r.HasField("seed") else None
+        gen.logprobs = r.logprobs if r.HasField("logprobs") else None
+        gen.ignore_eos = r.ignore_eos
+        gen.session_id = r.session_id
+        default_max = None if gen.chat else 16
+        finish_request(
+            gen, r.max_tokens if r.HasField("max_tokens") else default_max, "max_tokens",
+            "messages" if gen.chat else "prompt", state.limits,
+        )
+        return gen

@@ -1,0 +1,370 @@
+"""The OpenAI-compatible HTTP API as a plain ASGI app (served by uvicorn + httptools + uvloop).
+
+Per request: read the body (size-capped) -> decode with msgspec (unknown fields ignored) ->
+tokenize -> validate -> route -> stream deltas as SSE, or collect them into one JSON body.
+A client that disconnects cancels the handler, which cancels the worker calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from router import openai_schema as oa
+from router.errors import ApiError, invalid
+from router.orchestrator import ChoiceDelta, Orchestrator, Route
+from router.requests import GenerationRequest, Limits, chat_messages, chat_request, completion_prompts, completion_request
+from router.tokenizer import Tokenizer
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+SYSTEM_FINGERPRINT = "pdrouter-0.1.0"
+_json = msgspec.json.Encoder()
+_chat_decoder = msgspec.json.Decoder(oa.ChatCompletionRequest)
+_completion_decoder = msgspec.json.Decoder(oa.CompletionRequest)
+_LONG_PROMPT_CHARS = 16_384  # tokenize longer prompts off the event loop
+
+
+def _error_from_msgspec(exc: msgspec.DecodeError) -> ApiError:
+    text = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        param = None
+        if " - at `$." in text:
+            param = text.rsplit(" - at `$.", 1)[1].rstrip("`")
+        elif "Object missing required field `" in text:
+            param = text.split("`")[1]
+        return invalid(f"Invalid request: {text}", param, "invalid_type" if param else "invalid_value")
+    return invalid(f"Request body is not valid JSON: {text}", None, "invalid_json")
+
+
+class RouterState:
+    """What the HTTP and gRPC front ends share."""
+
+    def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer, limits: Limits, max_body_bytes: int) -> None:
+        self.orchestrator = orchestrator
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.max_body_bytes = max_body_bytes
+        self.started = int(time.time())
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.orchestrator.pool.healthy())
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if sum(len(m["content"]) for m in messages) > _LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
+        return self.tokenizer.apply_chat_template(messages)
+
+    async def encode_text(self, text: str) -> list[int]:
+        if len(text) > _LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, text)
+        return self.tokenizer.encode(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class _Response:
+    """Tracks whether headers went out, so an error after that becomes an SSE error event."""
+
+    __slots__ = ("send", "request_id", "started")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self.send = send
+        self.request_id = request_id
+        self.started = False
+
+    def _headers(self, content_type: bytes, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [(b"content-type", content_type), (b"x-request-id", self.request_id.encode()), *extra]
+
+    async def json(self, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+        headers = self._headers(b"application/json", list(extra))
+        headers.append((b"content-length", str(len(body)).encode()))
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def error(self, exc: ApiError) -> None:
+        extra = [(b"retry-after", b"1")] if exc.status in (429, 503) else []
+        await self.json(exc.status, _json.encode(exc.envelope()), extra)
+
+    async def start_sse(self, extra: list[tuple[bytes, bytes]]) -> None:
+        headers = self._headers(b"text/event-stream", extra)
+        headers.append((b"cache-control", b"no-cache"))
+        self.started = True
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def event(self, payload: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True})
+
+    async def end_sse(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+class HttpApp:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        self.routes: dict[tuple[str, str], Callable[[dict, Receive, _Response], Awaitable[None]]] = {
+            ("GET", "/health"): self.health,
+            ("GET", "/ready"): self.ready,
+            ("GET", "/v1/models"): self.models,
+            ("POST", "/v1/chat/completions"): self.chat,
+            ("POST", "/v1/completions"): self.completions,
+        }
+        self.paths = {path for _, path in self.routes}
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        resp = _Response(send, request_id)
+        path = scope["path"].rstrip("/") or "/"
+        handler = self.routes.get((scope["method"], path))
+        try:
+            if handler is None:
+                if path in self.paths:
+                    raise ApiError(405, f"Method {scope['method']} is not allowed on {path}", None, "method_not_allowed")
+                raise ApiError(404, f"Unknown route {scope['method']} {path}", None, "unknown_route")
+            await handler(scope, receive, resp)
+        except ApiError as exc:
+            await self._fail(resp, exc)
+        except asyncio.CancelledError:
+            return  # client went away; the worker calls were cancelled with us
+        except Exception as exc:  # NOTE: never a traceback to the client, never a dead router
+            import logging
+
+            logging.getLogger("pdrouter.router.http").exception("unhandled error")
+            await self._fail(resp, ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", None, "internal_error"))
+
+    async def _fail(self, resp: _Response, exc: ApiError) -> None:
+        if not resp.started:
+            await resp.error(exc)
+            return
+        with contextlib.suppress(Exception):
+            await resp.event(_json.encode(exc.envelope()))
+            await resp.end_sse()
+
+    # -- small endpoints --------------------------------------------------------------------
+
+    async def health(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        await resp.json(200, b'{"status":"ok"}')
+
+    async def ready(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        if self.state.ready:
+            await resp.json(200, b'{"status":"ready"}')
+        else:
+            raise ApiError(503, "No healthy worker yet", None, "not_ready")
+
+    async def models(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        lim = self.state.limits
+        card = oa.ModelCard(lim.model_name, self.state.started, "pdrouter", lim.max_model_len)
+        await resp.json(200, _json.encode(oa.ModelList([card])))
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def chat(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        body = await self._body(scope, receive)
+        try:
+            req = _chat_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise _error_from_msgspec(exc) from None
+        self.state.limits.check_model(req.model)
+        messages = chat_messages(req)
+        prompt = await self.state.encode_chat(messages)
+        gen = chat_request(req, prompt, self.state.limits)
+        await self._generate(gen, receive, resp)
+
+    async def completions(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        body = await self._body(scope, receive)
+        try:
+            req = _completion_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise _error_from_msgspec(exc) from None
+        self.state.limits.check_model(req.model)
+        prompts = [p if isinstance(p, list) else await self.state.encode_text(p) for p in completion_prompts(req)]
+        gen = completion_request(req, prompts, self.state.limits)
+        await self._generate(gen, receive, resp)
+
+    async def _body(self, scope: dict, receive: Receive) -> bytes:
+        limit = self.state.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"Request body is {declared} bytes; the limit is {limit} bytes", None, "body_too_large")
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"Request body exceeds the limit of {limit} bytes", None, "body_too_large")
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                return b"".join(chunks)
+
+    async def _generate(self, gen: GenerationRequest, receive: Receive, resp: _Response) -> None:
+        route = self.state.orchestrator.route(gen)
+        extra = [(b"x-pdrouter-route", route.header().encode())]
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        try:
+            if gen.stream:
+                await self._stream(gen, route, resp, extra)
+            else:
+                await self._collect(gen, route, resp, extra)
+        finally:
+            watcher.cancel()
+
+    async def _collect(self, gen: GenerationRequest, route: Route, resp: _Response, extra) -> None:
+        n = gen.num_choices
+        texts: list[list[str]] = [[] for _ in range(n)]
+        lps: list[list] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        usage = _UsageSum(gen)
+        async for d in self.state.orchestrator.run(gen, route):
+            if d.text:
+                texts[d.index].append(d.text)
+            if d.logprobs:
+                lps[d.index].extend(d.logprobs)
+            if d.finish_reason is not None:
+                finish[d.index] = d.finish_reason
+                usage.add(d)
+        created = int(time.time())
+        if gen.chat:
+            choices = [
+                oa.ChatChoice(
+                    i,
+                    oa.ResponseMessage(content="".join(texts[i])),
+                    self._chat_logprobs(lps[i]) if gen.logprobs is not None else None,
+                    finish[i],
+                )
+                for i in range(n)
+            ]
+            body = oa.ChatCompletion(gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result())
+        else:
+            choices = []
+            for i in range(n):
+                prefix = self._echo_text(gen, i)
+                text = prefix + "".join(texts[i])
+                logprobs = self._completion_logprobs(lps[i], len(prefix)) if gen.logprobs is not None else None
+                choices.append(oa.CompletionChoice(i, text, logprobs, finish[i]))
+            body = oa.Completion(gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result())
+        await resp.json(200, _json.encode(body), extra)
+
+    async def _stream(self, gen: GenerationRequest, route: Route, resp: _Response, extra) -> None:
+        created = int(time.time())
+        usage = _UsageSum(gen)
+        rid, model = gen.request_id, gen.model
+        await resp.start_sse(extra)
+        if gen.chat:
+            first = [oa.ChatChunkChoice(i, oa.Delta(role="assistant", content=""), None, None) for i in range(gen.num_choices)]
+            await resp.event(_json.encode(oa.ChatCompletionChunk(rid, created, model, SYSTEM_FINGERPRINT, first)))
+        elif gen.echo:
+            for i in range(gen.num_choices):
+                choice = oa.CompletionChoice(i, self._echo_text(gen, i), None, None)
+                await resp.event(_json.encode(oa.Completion(rid, created, model, SYSTEM_FINGERPRINT, [choice], None)))
+        async for d in self.state.orchestrator.run(gen, route):
+            if d.finish_reason is not None:
+                usage.add(d)
+            if not d.text and d.finish_reason is None and not d.logprobs:
+                continue
+            if gen.chat:
+                lp = self._chat_logprobs(d.logprobs) if d.logprobs else None
+                choice = oa.ChatChunkChoice(d.index, oa.Delta(content=d.text), lp, d.finish_reason)
+                payload = oa.ChatCompletionChunk(rid, created, model, SYSTEM_FINGERPRINT, [choice])
+            else:
+                lp = self._completion_logprobs(d.logprobs, 0) if d.logprobs else None
+                payload = oa.Completion(
+                    rid, created, model, SYSTEM_FINGERPRINT, [oa.CompletionChoice(d.index, d.text, lp, d.finish_reason)], None
+                )
+            await resp.event(_json.encode(payload))
+        if gen.include_usage:
+            if gen.chat:
+                payload = oa.ChatCompletionChunk(rid, created, model, SYSTEM_FINGERPRINT, [], usage.result())
+            else:
+                payload = oa.Completion(rid, created, model, SYSTEM_FINGERPRINT, [], usage.result())
+            await resp.event(_json.encode(payload))
+        await resp.end_sse()
+
+    # -- shaping helpers ----------------------------------------------------------------------
+
+    def _echo_text(self, gen: GenerationRequest, index: int) -> str:
+        if not gen.echo:
+            return ""
+        return self.state.tokenizer.decode(gen.prompts[index // gen.n], skip_special_tokens=False)
+
+    def _chat_logprobs(self, items) -> oa.ChatLogprobs:
+        tt = self.state.token_text
+        content = []
+        for it in items:
+            tok = tt(it.token_id)
+            top = [oa.TopLogprob(tt(t), lp, list(tt(t).encode())) for t, lp in it.top]
+            content.append(oa.ChatTokenLogprob(tok, it.logprob, list(tok.encode()), top))
+        return oa.ChatLogprobs(content)
+
+    def _completion_logprobs(self, items, offset: int) -> oa.CompletionLogprobs:
+        tt = self.state.token_text
+        tokens, lps, tops, offsets = [], [], [], []
+        for it in items:
+            tok = tt(it.token_id)
+            tokens.append(tok)
+            lps.append(it.logprob)
+            tops.append({tt(t): lp for t, lp in it.top} if it.top else None)
+            offsets.append(offset)
+            offset += len(tok)
+        return oa.CompletionLogprobs(tokens, lps, tops, offsets)
+
+
+class _UsageSum:
+    def __init__(self, gen: GenerationRequest) -> None:
+        self.prompt = sum(len(p) for p in gen.prompts)
+        self.completion = 0
+        self.cached_by_prompt: dict[int, int] = {}
+        self.n = gen.n
+
+    def add(self, d: ChoiceDelta) -> None:
+        self.completion += d.completion_tokens
+        key = d.index // self.n
+        self.cached_by_prompt[key] = max(self.cached_by_prompt.get(key, 0), d.cached_tokens)
+
+    def result(self) -> oa.Usage:
+        cached = sum(self.cached_by_prompt.values())
+        return oa.Usage(self.prompt, self.completion, self.prompt + self.completion, oa.PromptTokensDetails(cached))
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None

@@ -1,0 +1,103 @@
+"""`pdrouter router`: args -> tokenizer, worker pool, orchestrator -> HTTP + gRPC servers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdrouter_proto import inference_pb2, inference_pb2_grpc
+from router.grpc_api import InferenceService
+from router.http_api import HttpApp, RouterState
+from router.http_protocol import NoDelayHttpToolsProtocol
+from router.orchestrator import Orchestrator
+from router.requests import Limits
+from router.tokenizer import Tokenizer
+from router.worker_pool import WorkerPool
+from workers.model_files import resolve_model
+
+log = logging.getLogger("pdrouter.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdrouter router", description="Run the router (OpenAI HTTP + gRPC).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC Inference port")
+    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT", help="a worker's gRPC address")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF directory")
+    p.add_argument("--served-model-name", default="", help="model id clients use (default: the model's name)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    return p
+
+
+def _limits(model_dir, served_name: str) -> Limits:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    name = served_name or cfg.get("_name_or_path") or model_dir.name
+    if "/" in name or os.sep in name:
+        name = os.path.basename(name.rstrip("/"))
+    return Limits(name, cfg.get("max_position_embeddings", 4096), cfg["vocab_size"])
+
+
+async def serve(args: argparse.Namespace) -> None:
+    if not args.worker:
+        raise SystemExit("pdrouter router: give at least one --worker HOST:PORT")
+    model_dir = resolve_model(args.model)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    limits = _limits(model_dir, args.served_model_name)
+    pool = WorkerPool(args.worker)
+    pool.start()
+    state = RouterState(Orchestrator(pool, tokenizer), tokenizer, limits, args.max_body_bytes)
+
+    grpc_server = grpc.aio.server()
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    service_name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
+    if grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}") == 0:
+        raise SystemExit(f"cannot bind gRPC {args.host}:{args.grpc_port}")
+    await grpc_server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+
+    config = uvicorn.Config(
+        HttpApp(state),
+        host=args.host,
+        port=args.port,
+        loop="none",
+        http=NoDelayHttpToolsProtocol,
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+    print(
+        f"pdrouter router: http://{args.host}:{args.port}/v1  grpc {args.host}:{args.grpc_port}  "
+        f"model={limits.model_name}  workers={','.join(args.worker)}",
+        flush=True,
+    )
+    try:
+        await server.serve()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await grpc_server.stop(5)
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    import uvloop
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(args))

@@ -1,0 +1,146 @@
+"""`pdrouter serve`: the whole stack on one machine as child processes.
+
+Lifecycle: resolve the model (convert once) -> start workers -> start the router over
+them -> wait for GET /ready -> print URLs -> on Ctrl-C/SIGTERM stop every child; if any
+child dies, say which and stop the rest instead of hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+from workers.model_files import resolve_model
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if serve itself is killed, so nothing is ever orphaned."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdrouter serve", description="Start router + workers on this machine.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="router HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port")
+    p.add_argument("--engine", choices=["hf", "mock"], default="hf")
+    p.add_argument("--model", default="default")
+    p.add_argument("--prefill", type=int, default=0, help="number of prefill-only workers")
+    p.add_argument("--decode", type=int, default=0, help="number of decode-only workers")
+    p.add_argument("--both", type=int, default=None, help="number of workers doing both (default 1 if no pools given)")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--worker-arg", action="append", default=[], help="extra argument passed to every worker")
+    p.add_argument("--router-arg", action="append", default=[], help="extra argument passed to the router")
+    return p
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+        self.children.append((name, proc))
+
+    def dead(self) -> tuple[str, int] | None:
+        for name, proc in self.children:
+            code = proc.poll()
+            if code is not None:
+                return name, code
+        return None
+
+    def stop(self, grace: float = 10.0) -> None:
+        for _, proc in self.children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in self.children:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+async def run(args: argparse.Namespace) -> int:
+    both = args.both if args.both is not None else (0 if args.prefill or args.decode else 1)
+    roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["both"] * both
+    if not roles:
+        raise SystemExit("pdrouter serve: no workers requested")
+    if args.prefill and not (args.decode or both):
+        raise SystemExit("pdrouter serve: prefill workers need at least one decode or both worker")
+    model = str(resolve_model(args.model))
+    exe = [sys.executable, "-m", "router.cli"]
+    threads = max(1, (os.cpu_count() or 1) // len(roles))
+    stack = Stack()
+    addresses = []
+    for i, role in enumerate(roles):
+        port = free_port(args.host)
+        addresses.append(f"{args.host}:{port}")
+        argv = [*exe, "worker", "--host", args.host, "--port", str(port), "--role", role]
+        argv += ["--engine", args.engine, "--model", model, "--threads", str(threads), *args.worker_arg]
+        stack.spawn(f"worker {i} ({role}, {args.host}:{port})", argv)
+    router_argv = [*exe, "router", "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port)]
+    router_argv += ["--model", model, *args.router_arg]
+    for a in addresses:
+        router_argv += ["--worker", a]
+    stack.spawn("router", router_argv)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ready_url = f"http://{args.host}:{args.port}/ready"
+    code = 0
+    try:
+        async with asyncio.timeout(args.ready_timeout):
+            while not await asyncio.to_thread(_ready, ready_url):
+                if (dead := stack.dead()) or stop.is_set():
+                    break
+                await asyncio.sleep(0.2)  # readiness poll of child processes
+        if not stack.dead() and not stop.is_set():
+            print(
+                f"pdrouter serve: ready\n  OpenAI HTTP  http://{args.host}:{args.port}/v1\n"
+                f"  gRPC         {args.host}:{args.grpc_port}\n  workers      {', '.join(addresses)}",
+                flush=True,
+            )
+        while not stop.is_set():
+            if dead := stack.dead():
+                print(f"pdrouter serve: {dead[0]} exited with code {dead[1]}; stopping the stack", file=sys.stderr, flush=True)
+                code = 1
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    except TimeoutError:
+        print(f"pdrouter serve: not ready after {args.ready_timeout:.0f} s; stopping", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        await asyncio.to_thread(stack.stop)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(asyncio.run(run(args)))

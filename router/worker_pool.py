@@ -1,0 +1,128 @@
+"""Workers the router can use: one gRPC channel each, kept fresh by its Subscribe stream.
+
+Watch lifecycle per worker: Info (model, block size, role) -> Subscribe (snapshot, then KV
+events and load reports) -> on a broken stream: unhealthy, back off, reconnect. A worker is
+healthy exactly while its event stream is up, so a dead worker stops receiving requests
+within one failed read, not after a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from pdrouter_proto import worker_pb2 as pb
+from pdrouter_proto import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("pdrouter.router.pool")
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.enable_retries", 0),
+]
+
+ROLE_NAMES = {pb.ROLE_BOTH: "both", pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode"}
+
+
+class WorkerClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+        self.info: pb.InfoResponse | None = None
+        self.healthy = False
+        self.load = pb.LoadReport()
+        self.in_flight = 0
+        self.instance_id = 0
+        self._task: asyncio.Task | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id if self.info is not None else self.address
+
+    @property
+    def role(self) -> str:
+        return ROLE_NAMES.get(self.info.role, "both") if self.info is not None else "both"
+
+    def mark_unhealthy(self) -> None:
+        self.healthy = False
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.channel.close(grace=None)
+
+
+class WorkerPool:
+    def __init__(self, addresses: list[str], on_event: Callable[[WorkerClient, pb.WorkerEvent], None] | None = None):
+        self.workers = [WorkerClient(a) for a in addresses]
+        self.on_event = on_event
+        self._changed = asyncio.Event()
+
+    def start(self) -> None:
+        for w in self.workers:
+            w._task = asyncio.create_task(self._watch(w), name=f"watch-{w.address}")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.close() for w in self.workers))
+
+    def healthy(self, role: str | None = None) -> list[WorkerClient]:
+        return [w for w in self.workers if w.healthy and (role is None or w.role in (role, "both"))]
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until at least one worker is healthy (used by tests and `serve`)."""
+        async with asyncio.timeout(timeout):
+            while not self.healthy():
+                self._changed.clear()
+                await self._changed.wait()
+        return True
+
+    def _set_health(self, w: WorkerClient, healthy: bool) -> None:
+        if w.healthy != healthy:
+            log.info("worker %s is %s", w.address, "healthy" if healthy else "unhealthy")
+        w.healthy = healthy
+        self._changed.set()
+
+    async def _watch(self, w: WorkerClient) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                w.info = await w.stub.Info(pb.InfoRequest(), timeout=5)
+                stream = w.stub.Subscribe(pb.SubscribeRequest(subscriber_id="router"))
+                expected = 1
+                async for event in stream:
+                    if event.seq != expected:
+                        log.warning("worker %s event gap (%d != %d); resubscribing", w.address, event.seq, expected)
+                        stream.cancel()
+                        break
+                    expected += 1
+                    kind = event.WhichOneof("kind")
+                    if kind == "snapshot":
+                        w.instance_id = event.snapshot.instance_id
+                        w.load = event.snapshot.load
+                        self._set_health(w, True)
+                        backoff = 0.05
+                    elif kind == "load":
+                        w.load = event.load
+                    if self.on_event is not None:
+                        self.on_event(w, event)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                if w.healthy:
+                    log.warning("worker %s stream broke: %s", w.address, exc.code().name)
+            except Exception:  # NOTE: a watcher must never die; log and retry
+                log.exception("worker %s watcher failed", w.address)
+            self._set_health(w, False)
+            await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
+            backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,1 @@
+"""A worker process: the gRPC Worker service over an engine (real torch or mock)."""

@@ -1,0 +1,255 @@
+"""The engine loop: a thread that steps scheduler -> runner -> scheduler, and the asyncio side.
+
+Request lifecycle: `generate()` validates and enqueues -> the loop thread admits it (prefix
+match, allocate) -> steps run prefill chunks then decodes -> every step's new tokens go to
+the event loop in ONE `call_soon_threadsafe` (not one per token) -> the request's queue
+yields them, coalesced when the consumer lags -> finish or abort frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from workers.engine.block_manager import BlockManager, KvEvent
+from workers.engine.runner import ModelSpec, Runner
+from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.sequence import FinishReason, SamplingParams, Sequence
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `code` is a gRPC status name."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LoadReport(msgspec.Struct, array_like=True, gc=False):
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    queued_prefill_tokens: int
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """New tokens of one request since the last output (several when the consumer lagged)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class _Stream:
+    """Per-request mailbox filled by the loop thread (via the event loop) and drained by generate()."""
+
+    __slots__ = ("seq", "pending", "event", "want_logprobs")
+
+    def __init__(self, seq: Sequence) -> None:
+        self.seq = seq
+        self.pending: list = []  # (token_id, SampledToken | None, finish_reason | None)
+        self.event = asyncio.Event()
+        self.want_logprobs = seq.params.logprobs is not None
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler_config: SchedulerConfig | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        self.runner = runner
+        self.spec: ModelSpec = runner.spec
+        cfg = scheduler_config or SchedulerConfig()
+        cfg.max_model_len = min(cfg.max_model_len, self.spec.max_model_len)
+        self._events: list[KvEvent] = []
+        self.block_manager = BlockManager(
+            runner.num_blocks, self.spec.layout.block_size, on_event=self._events.append, adapter=adapter
+        )
+        self.scheduler = Scheduler(cfg, self.block_manager, self.spec.eos_token_ids)
+        self._streams: dict[str, _Stream] = {}
+        self._inbox: list[tuple[str, Sequence | str]] = []
+        self._cv = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.event_listeners: list[Callable[[list[KvEvent]], None]] = []
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def load(self) -> LoadReport:
+        sch = self.scheduler
+        return LoadReport(
+            len(sch.running),
+            len(sch.waiting),
+            self.block_manager.num_used_blocks,
+            self.block_manager.num_blocks,
+            sch.queued_prefill_tokens(),
+        )
+
+    # -- asyncio side -----------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        limit = self.scheduler.config.max_model_len
+        if n == 0:
+            raise EngineError("prompt is empty")
+        if n >= limit:
+            raise EngineError(f"prompt has {n} tokens; this model's context length is {limit}")
+        if params.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        vocab = self.spec.vocab_size
+        bad = next((t for t in prompt_token_ids if t < 0 or t >= vocab), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        bs = self.block_manager.block_size
+        need = -(-min(n + params.max_tokens, limit) // bs)
+        if need > self.block_manager.num_blocks:
+            raise EngineError(
+                f"request needs up to {need} KV blocks ({n} prompt + {params.max_tokens} new tokens) "
+                f"but the pool has {self.block_manager.num_blocks}",
+                "RESOURCE_EXHAUSTED",
+            )
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield new tokens as they come; closing the iterator early aborts the request."""
+        self.validate(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise EngineError(f"request id {request_id!r} is already running", "ALREADY_EXISTS")
+        seq = Sequence(request_id, prompt_token_ids, params, time.monotonic())
+        stream = _Stream(seq)
+        self._streams[request_id] = stream
+        self._submit(request_id, seq)
+        finished = False
+        try:
+            while True:
+                await stream.event.wait()
+                stream.event.clear()
+                items, stream.pending = stream.pending, []
+                out = RequestOutput(num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+                if stream.want_logprobs:
+                    out.logprobs, out.top_logprobs = [], []
+                for token_id, sampled, reason in items:
+                    if isinstance(sampled, Exception):
+                        finished = True
+                        raise EngineError(f"engine step failed: {sampled}", "INTERNAL")
+                    if token_id is not None:
+                        out.token_ids.append(token_id)
+                        if out.logprobs is not None and sampled is not None:
+                            out.logprobs.append(sampled.logprob if sampled.logprob is not None else 0.0)
+                            out.top_logprobs.append(sampled.top_logprobs or [])
+                    if reason is not None:
+                        out.finish_reason = reason
+                if out.finish_reason is not None:
+                    finished = True
+                    yield out
+                    return
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(request_id, request_id)  # abort
+
+    def _submit(self, request_id: str, item: Sequence | str) -> None:
+        with self._cv:
+            self._inbox.append((request_id, item))
+            self._cv.notify()
+
+    def _deliver(self, outputs: list[tuple[str, int | None, object, FinishReason | None]], events: list[KvEvent]) -> None:
+        streams = self._streams
+        for request_id, token_id, sampled, reason in outputs:
+            stream = streams.get(request_id)
+            if stream is not None:
+                stream.pending.append((token_id, sampled, reason))
+                stream.event.set()
+        if events:
+            for listener in self.event_listeners:
+                listener(events)
+
+    # -- loop thread ------------------------------------------------------------------------
+
+    def _drain_inbox(self) -> list[tuple[str, int | None, object, FinishReason | None]]:
+        with self._cv:
+            while not self._inbox and not self.scheduler.num_unfinished and not self._stopping:
+                self._cv.wait()
+            inbox, self._inbox = self._inbox, []
+        outputs = []
+        for request_id, item in inbox:
+            if isinstance(item, Sequence):
+                self.scheduler.add(item)
+            else:
+                seq = self.scheduler.abort(request_id)
+                if seq is not None:
+                    self.runner.free(request_id)
+        return outputs
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        while True:
+            outputs = self._drain_inbox()
+            if self._stopping:
+                return
+            batch = self.scheduler.schedule()
+            if not batch:
+                if self.scheduler.num_unfinished:
+                    # NOTE: nothing fits right now (pool full of pinned blocks); wait for a change.
+                    with self._cv:
+                        self._cv.wait(timeout=0.01)
+                continue
+            try:
+                sampled = self.runner.execute(batch)
+            except Exception as exc:  # a broken step must not kill every request silently
+                self._fail_batch(batch, exc)
+                continue
+            self.num_steps += 1
+            finished = self.scheduler.postprocess(batch, sampled)
+            for item, tok in zip(batch, sampled):
+                seq = item.seq
+                if tok is not None and seq.finish_reason is not FinishReason.ABORT:
+                    reason = seq.finish_reason if seq.is_finished else None
+                    outputs.append((seq.request_id, tok.token_id, tok, reason))
+            self.num_generated_tokens += sum(1 for t in sampled if t is not None)
+            for seq in finished:
+                self.runner.free(seq.request_id)
+            events, self._events[:] = list(self._events), []
+            if outputs or events:
+                loop.call_soon_threadsafe(self._deliver, outputs, events)
+
+    def _fail_batch(self, batch, exc: Exception) -> None:
+        outputs = []
+        for item in batch:
+            seq = self.scheduler.abort(item.seq.request_id)
+            if seq is not None:
+                self.runner.free(seq.request_id)
+                outputs.append((seq.request_id, None, exc, FinishReason.ABORT))
+        events, self._events[:] = list(self._events), []
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, outputs, events)

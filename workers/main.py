@@ -1,0 +1,124 @@
+"""`pdrouter worker`: args -> engine -> gRPC Worker service (+ health, reflection) -> serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdrouter_proto import worker_pb2, worker_pb2_grpc
+from workers.engine.engine import Engine
+from workers.engine.scheduler import SchedulerConfig
+from workers.mock.runner import MockRunner, TimingModel, spec_from_model_dir
+from workers.model_files import resolve_model
+from workers.service import WorkerService
+
+log = logging.getLogger("pdrouter.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdrouter worker", description="Run one worker (gRPC Worker service).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50061, help="gRPC port")
+    p.add_argument("--role", choices=["both", "prefill", "decode"], default="both")
+    p.add_argument("--engine", choices=["hf", "mock"], default="hf")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF directory")
+    p.add_argument("--worker-id", default="", help="defaults to HOST:PORT")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default=None, help="float32/float16/bfloat16 (default: float32 on CPU, bf16 on CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: cores / workers on this host)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=0, help="KV pool size in blocks (0: from --kv-cache-mb)")
+    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget (chunked prefill)")
+    p.add_argument("--mock-token-delay-ms", type=float, default=0.0, help="mock: fixed time per decode step")
+    p.add_argument(
+        "--mock-timing",
+        default="",
+        help="mock: 'a,b,c,d,e,f' of prefill ms = a+b*n+c*n^2 and decode step ms = d+e*batch+f*context",
+    )
+    p.add_argument("--mock-num-blocks", type=int, default=4096)
+    return p
+
+
+def parse_timing(text: str, token_delay_ms: float) -> TimingModel:
+    if not text:
+        return TimingModel(d=token_delay_ms)
+    try:
+        a, b, c, d, e, f = (float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise SystemExit(f"--mock-timing wants six comma-separated numbers a,b,c,d,e,f; got {text!r}") from exc
+    return TimingModel(a=a, b=b, c=c, d=d, e=e, f=f)
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    model_dir = resolve_model(args.model)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens)
+    if args.engine == "mock":
+        spec = spec_from_model_dir(model_dir, block_size=args.block_size)
+        runner = MockRunner(spec, args.num_blocks or args.mock_num_blocks, parse_timing(args.mock_timing, args.mock_token_delay_ms))
+        return Engine(runner, sched)
+    import torch
+
+    from workers.engine.model_runner import ModelRunner
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    runner = ModelRunner(
+        model_dir,
+        num_blocks=args.num_blocks or None,
+        block_size=args.block_size,
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_bytes=args.kv_cache_mb << 20,
+    )
+    return Engine(runner, sched)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(names[0], health_pb2.HealthCheckResponse.NOT_SERVING)
+    worker_id = args.worker_id or f"{args.host}:{args.port}"
+    service = WorkerService(worker_id=worker_id, role=args.role, engine_kind=args.engine)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{args.host}:{args.port}")
+    if bound == 0:
+        raise SystemExit(f"cannot bind {args.host}:{args.port}")
+    await server.start()
+    log.info("worker listening on %s:%d, loading %s engine", args.host, bound, args.engine)
+    engine = await asyncio.to_thread(build_engine, args)
+    engine.start()
+    service.attach(engine)
+    await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)
+    print(f"pdrouter worker {worker_id} ready ({args.engine}, role={args.role}, model={engine.spec.name})", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(5)
+    engine.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    import uvloop
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(args))

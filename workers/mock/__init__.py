@@ -1,0 +1,1 @@
+"""Simulated engine: the real scheduler and block manager with modelled step time."""

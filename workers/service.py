@@ -1,0 +1,240 @@
+"""gRPC Worker service over an engine.
+
+Decode lifecycle: validate -> (pull KV through the handle: issue 4) -> generate with
+continuous batching -> stream token chunks, coalescing whatever is ready -> Complete.
+A client that goes away closes the generator, which aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pdrouter_proto import worker_pb2 as pb
+from pdrouter_proto import worker_pb2_grpc as pb_grpc
+from workers.engine.block_manager import KvEvent
+from workers.engine.engine import Engine, EngineError, LoadReport
+from workers.engine.sequence import FinishReason, SamplingParams
+
+VERSION = "0.1.0"
+ROLES = {"both": pb.ROLE_BOTH, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE}
+FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+def params_from_pb(p: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p if p.top_p > 0 else 1.0,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        max_tokens=p.max_tokens,
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+    )
+
+
+def load_to_pb(load: LoadReport) -> pb.LoadReport:
+    return pb.LoadReport(
+        num_running=load.num_running,
+        num_waiting=load.num_waiting,
+        kv_blocks_used=load.kv_blocks_used,
+        kv_blocks_total=load.kv_blocks_total,
+        queued_prefill_tokens=load.queued_prefill_tokens,
+    )
+
+
+def _error(request_id: str, exc: EngineError) -> pb.Error:
+    return pb.Error(code=grpc.StatusCode[exc.code].value[0], message=str(exc))
+
+
+class _Subscription:
+    """One subscriber's queue; bounded so a stuck router cannot grow worker memory forever."""
+
+    MAX_PENDING = 10_000
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[pb.WorkerEvent | None] = asyncio.Queue()
+        self.seq = 0
+        self.overflowed = False
+
+    def put(self, event: pb.WorkerEvent) -> None:
+        if self.queue.qsize() >= self.MAX_PENDING:
+            self.overflowed = True  # NOTE: the router sees the stream end and resubscribes
+            self.queue.put_nowait(None)
+            return
+        self.seq += 1
+        event.seq = self.seq
+        self.queue.put_nowait(event)
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, *, worker_id: str, role: str, engine_kind: str, load_interval_s: float = 0.5):
+        self.engine: Engine = None  # type: ignore[assignment]  # set by attach() once loaded
+        self.worker_id = worker_id
+        self.role = role
+        self.engine_kind = engine_kind
+        self.instance_id = secrets.randbits(63)
+        self.load_interval_s = load_interval_s
+        self._subs: set[_Subscription] = set()
+
+    def attach(self, engine: Engine) -> None:
+        """Serve `engine`; until then every RPC answers UNAVAILABLE (the model is loading)."""
+        engine.event_listeners.append(self._on_kv_events)
+        self.engine = engine
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> None:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is still loading its model")
+
+    # -- Info -------------------------------------------------------------------------------
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        await self._ready(context)
+        spec = self.engine.spec
+        lay = spec.layout
+        return pb.InfoResponse(
+            worker_id=self.worker_id,
+            role=ROLES[self.role],
+            model=spec.name,
+            engine=self.engine_kind,
+            block_size=lay.block_size,
+            num_blocks=self.engine.block_manager.num_blocks,
+            max_model_len=self.engine.scheduler.config.max_model_len,
+            vocab_size=spec.vocab_size,
+            eos_token_ids=spec.eos_token_ids,
+            layout=pb.KvLayout(
+                dtype=lay.dtype,
+                num_layers=lay.num_layers,
+                num_kv_heads=lay.num_kv_heads,
+                head_dim=lay.head_dim,
+                block_size=lay.block_size,
+            ),
+            version=VERSION,
+            instance_id=self.instance_id,
+        )
+
+    # -- Prefill / Decode -------------------------------------------------------------------
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        await self._ready(context)
+        params = params_from_pb(request.params)
+        params.max_tokens = 1
+        first = pb.TokenChunk()
+        try:
+            async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params):
+                _fill_chunk(first, out)
+                if out.finish_reason is not None:
+                    result = pb.PrefillResult(
+                        first=first,
+                        num_prompt_tokens=out.num_prompt_tokens,
+                        num_cached_tokens=out.num_cached_tokens,
+                    )
+                    return pb.PrefillResponse(request_id=request.request_id, ok=result)
+        except EngineError as exc:
+            return pb.PrefillResponse(request_id=request.request_id, error=_error(request.request_id, exc))
+        return pb.PrefillResponse(
+            request_id=request.request_id, error=pb.Error(code=grpc.StatusCode.ABORTED.value[0], message="aborted")
+        )
+
+    async def Decode(
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DecodeResponse]:
+        await self._ready(context)
+        rid = request.request_id
+        params = params_from_pb(request.params)
+        prior = list(request.generated_token_ids)
+        prompt = list(request.prompt_token_ids)
+        if prior:
+            params.max_tokens -= len(prior)
+        num_prompt = len(prompt)
+        num_out = 0
+        gen = self.engine.generate(rid, prompt + prior, params)
+        try:
+            async for out in gen:
+                if out.token_ids:
+                    num_out += len(out.token_ids)
+                    chunk = pb.TokenChunk()
+                    _fill_chunk(chunk, out)
+                    yield pb.DecodeResponse(request_id=rid, chunk=chunk)
+                if out.finish_reason is not None:
+                    yield pb.DecodeResponse(
+                        request_id=rid,
+                        complete=pb.Complete(
+                            finish_reason=FINISH[out.finish_reason],
+                            num_prompt_tokens=num_prompt,
+                            num_cached_tokens=min(out.num_cached_tokens, num_prompt),
+                            num_output_tokens=num_out + len(prior),
+                        ),
+                    )
+        except EngineError as exc:
+            yield pb.DecodeResponse(request_id=rid, error=_error(rid, exc))
+        finally:
+            await gen.aclose()
+
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        return pb.ReleaseResponse(released=False)
+
+    # -- Subscribe --------------------------------------------------------------------------
+
+    async def Subscribe(
+        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WorkerEvent]:
+        await self._ready(context)
+        sub = _Subscription()
+        interval = request.load_interval_s or self.load_interval_s
+        snapshot = pb.Snapshot(
+            instance_id=self.instance_id,
+            block_hashes=self.engine.block_manager.cached_hashes(),
+            load=load_to_pb(self.engine.load()),
+        )
+        sub.put(pb.WorkerEvent(snapshot=snapshot))
+        self._subs.add(sub)
+        ticker = asyncio.create_task(self._tick_load(sub, interval))
+        try:
+            while True:
+                event = await sub.queue.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            ticker.cancel()
+            self._subs.discard(sub)
+
+    async def _tick_load(self, sub: _Subscription, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            sub.put(pb.WorkerEvent(load=load_to_pb(self.engine.load())))
+
+    def _on_kv_events(self, events: list[KvEvent]) -> None:
+        if not self._subs:
+            return
+        for ev in events:
+            for sub in self._subs:
+                sub.put(_event_to_pb(ev))
+
+
+def _event_to_pb(ev: KvEvent) -> pb.WorkerEvent:
+    if ev.kind == "stored":
+        stored = pb.KvStored(block_hashes=ev.block_hashes)
+        if ev.parent_hash is not None:
+            stored.parent_hash = ev.parent_hash
+        return pb.WorkerEvent(stored=stored)
+    if ev.kind == "removed":
+        return pb.WorkerEvent(removed=pb.KvRemoved(block_hashes=ev.block_hashes))
+    return pb.WorkerEvent(cleared=pb.KvCleared())
+
+
+def _fill_chunk(chunk: pb.TokenChunk, out) -> None:
+    chunk.token_ids.extend(out.token_ids)
+    if out.logprobs is not None:
+        chunk.logprobs.extend(out.logprobs)
+        for top in out.top_logprobs or ():
+            chunk.top_logprobs.add(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])

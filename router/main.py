@@ -47,6 +47,20 @@ def _limits(model_dir, served_name: str) -> Limits:
     return Limits(name, cfg.get("max_position_embeddings", 4096), cfg["vocab_size"])
 
 
+def http_config(app, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",  # NOTE: we already run on uvloop
+        http=NoDelayHttpToolsProtocol,
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=30,
+    )
+
+
 async def serve(args: argparse.Namespace) -> None:
     if not args.worker:
         raise SystemExit("pdrouter router: give at least one --worker HOST:PORT")
@@ -69,18 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
 
-    config = uvicorn.Config(
-        HttpApp(state),
-        host=args.host,
-        port=args.port,
-        loop="none",
-        http=NoDelayHttpToolsProtocol,
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(http_config(HttpApp(state), args.host, args.port))
     print(
         f"pdrouter router: http://{args.host}:{args.port}/v1  grpc {args.host}:{args.grpc_port}  "
         f"model={limits.model_name}  workers={','.join(args.worker)}",

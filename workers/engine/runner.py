@@ -11,22 +11,8 @@ from typing import Protocol
 
 import msgspec
 
+from kvtransfer.layout import KvLayout
 from workers.engine.sequence import SampledToken, ScheduledSeq
-
-
-class KvLayout(msgspec.Struct, frozen=True, kw_only=True):
-    """What must match for two pools to exchange blocks (see DESIGN.md, KV transfer)."""
-
-    dtype: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-
-    @property
-    def block_bytes(self) -> int:
-        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1}[self.dtype]
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):

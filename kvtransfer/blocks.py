@@ -43,8 +43,7 @@ def local_block_hashes(
     seed = adapter_seed(adapter)
     n_full = len(tokens) // block_size
     return [
-        _xxh3(_as_u32_le(tokens[i * block_size : (i + 1) * block_size]), seed=seed)
-        for i in range(n_full)
+        _xxh3(_as_u32_le(tokens[i * block_size : (i + 1) * block_size]), seed=seed) for i in range(n_full)
     ]
 
 

@@ -20,7 +20,9 @@ class KvLayout(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def block_bytes(self) -> int:
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * ITEMSIZE[self.dtype]
+        return (
+            self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * ITEMSIZE[self.dtype]
+        )
 
     def describe(self) -> str:
         return (

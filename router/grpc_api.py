@@ -21,16 +21,27 @@ class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, state: RouterState) -> None:
         self.state = state
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         lim = self.state.limits
-        model = pb.Model(id=lim.model_name, owned_by="pdrouter", created=self.state.started, max_model_len=lim.max_model_len)
+        model = pb.Model(
+            id=lim.model_name,
+            owned_by="pdrouter",
+            created=self.state.started,
+            max_model_len=lim.max_model_len,
+        )
         return pb.ListModelsResponse(models=[model])
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             gen = await self._build(request)
             route = self.state.orchestrator.route(gen)
-            await context.send_initial_metadata((("x-request-id", gen.request_id), ("x-pdrouter-route", route.header())))
+            await context.send_initial_metadata(
+                (("x-request-id", gen.request_id), ("x-pdrouter-route", route.header()))
+            )
             usage_prompt = sum(len(p) for p in gen.prompts)
             async for d in self.state.orchestrator.run(gen, route):
                 if d.text or d.token_ids:
@@ -72,7 +83,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             prompt = list(r.tokens.token_ids)
         else:
             raise invalid("one of 'chat', 'prompt' or 'tokens' is required", "input")
-        gen = GenerationRequest(r.request_id or new_request_id("gen"), model, [prompt], 0, chat=kind == "chat")
+        gen = GenerationRequest(
+            r.request_id or new_request_id("gen"), model, [prompt], 0, chat=kind == "chat"
+        )
         if r.HasField("temperature"):
             if not 0.0 <= r.temperature <= 2.0:
                 raise invalid(f"'temperature' must be in [0.0, 2.0]; got {r.temperature}", "temperature")
@@ -83,7 +96,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             gen.top_p = r.top_p
         if r.HasField("top_k"):
             if r.top_k < -1:
-                raise invalid(f"'top_k' must be -1 (off), 0 (off) or a positive integer; got {r.top_k}", "top_k")
+                raise invalid(
+                    f"'top_k' must be -1 (off), 0 (off) or a positive integer; got {r.top_k}", "top_k"
+                )
             gen.top_k = max(0, r.top_k)
         for name in ("presence_penalty", "frequency_penalty"):
             if r.HasField(name) and getattr(r, name):
@@ -100,7 +115,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         gen.session_id = r.session_id
         default_max = None if gen.chat else 16
         finish_request(
-            gen, r.max_tokens if r.HasField("max_tokens") else default_max, "max_tokens",
-            "messages" if gen.chat else "prompt", state.limits,
+            gen,
+            r.max_tokens if r.HasField("max_tokens") else default_max,
+            "max_tokens",
+            "messages" if gen.chat else "prompt",
+            state.limits,
         )
         return gen

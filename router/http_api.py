@@ -19,7 +19,14 @@ import msgspec
 from router import openai_schema as oa
 from router.errors import ApiError, invalid
 from router.orchestrator import ChoiceDelta, Orchestrator, Route
-from router.requests import GenerationRequest, Limits, chat_messages, chat_request, completion_prompts, completion_request
+from router.requests import (
+    GenerationRequest,
+    Limits,
+    chat_messages,
+    chat_request,
+    completion_prompts,
+    completion_request,
+)
 from router.tokenizer import Tokenizer
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -47,7 +54,9 @@ def _error_from_msgspec(exc: msgspec.DecodeError) -> ApiError:
 class RouterState:
     """What the HTTP and gRPC front ends share."""
 
-    def __init__(self, orchestrator: Orchestrator, tokenizer: Tokenizer, limits: Limits, max_body_bytes: int) -> None:
+    def __init__(
+        self, orchestrator: Orchestrator, tokenizer: Tokenizer, limits: Limits, max_body_bytes: int
+    ) -> None:
         self.orchestrator = orchestrator
         self.tokenizer = tokenizer
         self.limits = limits
@@ -75,7 +84,7 @@ class RouterState:
 class _Response:
     """Tracks whether headers went out, so an error after that becomes an SSE error event."""
 
-    __slots__ = ("send", "request_id", "started")
+    __slots__ = ("request_id", "send", "started")
 
     def __init__(self, send: Send, request_id: str) -> None:
         self.send = send
@@ -103,7 +112,9 @@ class _Response:
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def event(self, payload: bytes) -> None:
-        await self.send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True})
+        await self.send(
+            {"type": "http.response.body", "body": b"data: " + payload + b"\n\n", "more_body": True}
+        )
 
     async def end_sse(self) -> None:
         await self.send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
@@ -134,7 +145,9 @@ class HttpApp:
         try:
             if handler is None:
                 if path in self.paths:
-                    raise ApiError(405, f"Method {scope['method']} is not allowed on {path}", None, "method_not_allowed")
+                    raise ApiError(
+                        405, f"Method {scope['method']} is not allowed on {path}", None, "method_not_allowed"
+                    )
                 raise ApiError(404, f"Unknown route {scope['method']} {path}", None, "unknown_route")
             await handler(scope, receive, resp)
         except ApiError as exc:
@@ -145,7 +158,9 @@ class HttpApp:
             import logging
 
             logging.getLogger("pdrouter.router.http").exception("unhandled error")
-            await self._fail(resp, ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", None, "internal_error"))
+            await self._fail(
+                resp, ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", None, "internal_error")
+            )
 
     async def _fail(self, resp: _Response, exc: ApiError) -> None:
         if not resp.started:
@@ -192,7 +207,9 @@ class HttpApp:
         except msgspec.DecodeError as exc:
             raise _error_from_msgspec(exc) from None
         self.state.limits.check_model(req.model)
-        prompts = [p if isinstance(p, list) else await self.state.encode_text(p) for p in completion_prompts(req)]
+        prompts = [
+            p if isinstance(p, list) else await self.state.encode_text(p) for p in completion_prompts(req)
+        ]
         gen = completion_request(req, prompts, self.state.limits)
         await self._generate(gen, receive, resp)
 
@@ -200,7 +217,9 @@ class HttpApp:
         limit = self.state.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"Request body is {declared} bytes; the limit is {limit} bytes", None, "body_too_large")
+            raise ApiError(
+                413, f"Request body is {declared} bytes; the limit is {limit} bytes", None, "body_too_large"
+            )
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -209,7 +228,9 @@ class HttpApp:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, f"Request body exceeds the limit of {limit} bytes", None, "body_too_large")
+                raise ApiError(
+                    413, f"Request body exceeds the limit of {limit} bytes", None, "body_too_large"
+                )
             chunks.append(chunk)
             if not msg.get("more_body"):
                 return b"".join(chunks)
@@ -253,15 +274,21 @@ class HttpApp:
                 )
                 for i in range(n)
             ]
-            body = oa.ChatCompletion(gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result())
+            body = oa.ChatCompletion(
+                gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result()
+            )
         else:
             choices = []
             for i in range(n):
                 prefix = self._echo_text(gen, i)
                 text = prefix + "".join(texts[i])
-                logprobs = self._completion_logprobs(lps[i], len(prefix)) if gen.logprobs is not None else None
+                logprobs = (
+                    self._completion_logprobs(lps[i], len(prefix)) if gen.logprobs is not None else None
+                )
                 choices.append(oa.CompletionChoice(i, text, logprobs, finish[i]))
-            body = oa.Completion(gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result())
+            body = oa.Completion(
+                gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result()
+            )
         await resp.json(200, _json.encode(body), extra)
 
     async def _stream(self, gen: GenerationRequest, route: Route, resp: _Response, extra) -> None:
@@ -270,12 +297,19 @@ class HttpApp:
         rid, model = gen.request_id, gen.model
         await resp.start_sse(extra)
         if gen.chat:
-            first = [oa.ChatChunkChoice(i, oa.Delta(role="assistant", content=""), None, None) for i in range(gen.num_choices)]
-            await resp.event(_json.encode(oa.ChatCompletionChunk(rid, created, model, SYSTEM_FINGERPRINT, first)))
+            first = [
+                oa.ChatChunkChoice(i, oa.Delta(role="assistant", content=""), None, None)
+                for i in range(gen.num_choices)
+            ]
+            await resp.event(
+                _json.encode(oa.ChatCompletionChunk(rid, created, model, SYSTEM_FINGERPRINT, first))
+            )
         elif gen.echo:
             for i in range(gen.num_choices):
                 choice = oa.CompletionChoice(i, self._echo_text(gen, i), None, None)
-                await resp.event(_json.encode(oa.Completion(rid, created, model, SYSTEM_FINGERPRINT, [choice], None)))
+                await resp.event(
+                    _json.encode(oa.Completion(rid, created, model, SYSTEM_FINGERPRINT, [choice], None))
+                )
         async for d in self.state.orchestrator.run(gen, route):
             if d.finish_reason is not None:
                 usage.add(d)
@@ -288,7 +322,12 @@ class HttpApp:
             else:
                 lp = self._completion_logprobs(d.logprobs, 0) if d.logprobs else None
                 payload = oa.Completion(
-                    rid, created, model, SYSTEM_FINGERPRINT, [oa.CompletionChoice(d.index, d.text, lp, d.finish_reason)], None
+                    rid,
+                    created,
+                    model,
+                    SYSTEM_FINGERPRINT,
+                    [oa.CompletionChoice(d.index, d.text, lp, d.finish_reason)],
+                    None,
                 )
             await resp.event(_json.encode(payload))
         if gen.include_usage:
@@ -342,7 +381,9 @@ class _UsageSum:
 
     def result(self) -> oa.Usage:
         cached = sum(self.cached_by_prompt.values())
-        return oa.Usage(self.prompt, self.completion, self.prompt + self.completion, oa.PromptTokensDetails(cached))
+        return oa.Usage(
+            self.prompt, self.completion, self.prompt + self.completion, oa.PromptTokensDetails(cached)
+        )
 
 
 async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task) -> None:

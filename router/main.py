@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -13,6 +12,7 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from workers.model_files import resolve_model
 
 from pdrouter_proto import inference_pb2, inference_pb2_grpc
 from router.grpc_api import InferenceService
@@ -22,7 +22,6 @@ from router.orchestrator import Orchestrator
 from router.requests import Limits
 from router.tokenizer import Tokenizer
 from router.worker_pool import WorkerPool
-from workers.model_files import resolve_model
 
 log = logging.getLogger("pdrouter.router")
 
@@ -32,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="public gRPC Inference port")
-    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT", help="a worker's gRPC address")
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF directory")
+    p.add_argument(
+        "--worker", action="append", default=[], metavar="HOST:PORT", help="a worker's gRPC address"
+    )
+    p.add_argument(
+        "--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF directory"
+    )
     p.add_argument("--served-model-name", default="", help="model id clients use (default: the model's name)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
     return p
@@ -76,7 +79,9 @@ async def serve(args: argparse.Namespace) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     service_name = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
+    reflection.enable_server_reflection(
+        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
     if grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}") == 0:
         raise SystemExit(f"cannot bind gRPC {args.host}:{args.grpc_port}")
     await grpc_server.start()
@@ -99,7 +104,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s"
+    )
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):

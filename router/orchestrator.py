@@ -25,7 +25,11 @@ from router.stop_strings import StopStringMatcher
 from router.tokenizer import Tokenizer
 from router.worker_pool import WorkerClient, WorkerPool
 
-FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+FINISH_NAMES = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
 # Worker error code (grpc.StatusCode value) -> HTTP status.
 _HTTP_FROM_GRPC = {3: 400, 5: 404, 6: 409, 8: 429, 9: 400, 11: 400, 14: 503, 4: 504}
 
@@ -68,7 +72,12 @@ class Orchestrator:
     def _pick(self, exclude: set[str] = frozenset()) -> WorkerClient:  # type: ignore[assignment]
         candidates = [w for w in self.pool.healthy("decode") if w.address not in exclude]
         if not candidates:
-            raise ApiError(503, "No healthy worker is available to serve this request; try again shortly.", None, "no_healthy_worker")
+            raise ApiError(
+                503,
+                "No healthy worker is available to serve this request; try again shortly.",
+                None,
+                "no_healthy_worker",
+            )
         return self.policy.pick(candidates)
 
     def route(self, gen: GenerationRequest) -> Route:
@@ -106,7 +115,9 @@ class Orchestrator:
             for t in tasks:
                 t.cancel()
 
-    async def _run_choice(self, gen: GenerationRequest, index: int, worker: WorkerClient) -> AsyncIterator[ChoiceDelta]:
+    async def _run_choice(
+        self, gen: GenerationRequest, index: int, worker: WorkerClient
+    ) -> AsyncIterator[ChoiceDelta]:
         prompt = gen.prompts[index // gen.n]
         request = pb.DecodeRequest(
             request_id=f"{gen.request_id}-{index}", prompt_token_ids=prompt, params=gen.sampling(index)
@@ -162,10 +173,17 @@ class Orchestrator:
                     else:
                         err = resp.error
                         raise ApiError(_HTTP_FROM_GRPC.get(err.code, 500), err.message, None, "worker_error")
-                raise ApiError(502, f"worker {worker.worker_id} ended the stream without completing", None, "worker_error")
+                raise ApiError(
+                    502,
+                    f"worker {worker.worker_id} ended the stream without completing",
+                    None,
+                    "worker_error",
+                )
             except grpc.aio.AioRpcError as exc:
                 if got_any or exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
-                    raise ApiError(502, f"worker {worker.worker_id} failed: {exc.details()}", None, "worker_error") from exc
+                    raise ApiError(
+                        502, f"worker {worker.worker_id} failed: {exc.details()}", None, "worker_error"
+                    ) from exc
                 worker.mark_unhealthy()
                 worker = self._pick(exclude=tried)
             finally:

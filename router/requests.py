@@ -197,7 +197,10 @@ def finish_request(
             raise invalid(f"'{prompt_name}' must not be empty", prompt_name, "empty_prompt")
         bad = next((t for t in prompt if not 0 <= t < limits.vocab_size), None)
         if bad is not None:
-            raise invalid(f"token id {bad} in '{prompt_name}' is outside the vocabulary [0, {limits.vocab_size})", prompt_name)
+            raise invalid(
+                f"token id {bad} in '{prompt_name}' is outside the vocabulary [0, {limits.vocab_size})",
+                prompt_name,
+            )
     longest = max(len(p) for p in gen.prompts)
     if max_tokens is not None and max_tokens < 1:
         raise invalid(f"'{max_name}' must be at least 1; got {max_tokens}", max_name)

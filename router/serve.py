@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--prefill", type=int, default=0, help="number of prefill-only workers")
     p.add_argument("--decode", type=int, default=0, help="number of decode-only workers")
-    p.add_argument("--both", type=int, default=None, help="number of workers doing both (default 1 if no pools given)")
+    p.add_argument(
+        "--both", type=int, default=None, help="number of workers doing both (default 1 if no pools given)"
+    )
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--worker-arg", action="append", default=[], help="extra argument passed to every worker")
     p.add_argument("--router-arg", action="append", default=[], help="extra argument passed to the router")
@@ -102,7 +104,16 @@ async def run(args: argparse.Namespace) -> int:
         argv = [*exe, "worker", "--host", args.host, "--port", str(port), "--role", role]
         argv += ["--engine", args.engine, "--model", model, "--threads", str(threads), *args.worker_arg]
         stack.spawn(f"worker {i} ({role}, {args.host}:{port})", argv)
-    router_argv = [*exe, "router", "--host", args.host, "--port", str(args.port), "--grpc-port", str(args.grpc_port)]
+    router_argv = [
+        *exe,
+        "router",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--grpc-port",
+        str(args.grpc_port),
+    ]
     router_argv += ["--model", model, *args.router_arg]
     for a in addresses:
         router_argv += ["--worker", a]
@@ -128,13 +139,21 @@ async def run(args: argparse.Namespace) -> int:
             )
         while not stop.is_set():
             if dead := stack.dead():
-                print(f"pdrouter serve: {dead[0]} exited with code {dead[1]}; stopping the stack", file=sys.stderr, flush=True)
+                print(
+                    f"pdrouter serve: {dead[0]} exited with code {dead[1]}; stopping the stack",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 code = 1
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
     except TimeoutError:
-        print(f"pdrouter serve: not ready after {args.ready_timeout:.0f} s; stopping", file=sys.stderr, flush=True)
+        print(
+            f"pdrouter serve: not ready after {args.ready_timeout:.0f} s; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         code = 1
     finally:
         await asyncio.to_thread(stack.stop)

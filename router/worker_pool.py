@@ -64,7 +64,9 @@ class WorkerClient:
 
 
 class WorkerPool:
-    def __init__(self, addresses: list[str], on_event: Callable[[WorkerClient, pb.WorkerEvent], None] | None = None):
+    def __init__(
+        self, addresses: list[str], on_event: Callable[[WorkerClient, pb.WorkerEvent], None] | None = None
+    ):
         self.workers = [WorkerClient(a) for a in addresses]
         self.on_event = on_event
         self._changed = asyncio.Event()
@@ -102,7 +104,9 @@ class WorkerPool:
                 expected = 1
                 async for event in stream:
                     if event.seq != expected:
-                        log.warning("worker %s event gap (%d != %d); resubscribing", w.address, event.seq, expected)
+                        log.warning(
+                            "worker %s event gap (%d != %d); resubscribing", w.address, event.seq, expected
+                        )
                         stream.cancel()
                         break
                     expected += 1

@@ -18,6 +18,8 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="module")
 def mock_stack(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path):
     """`pdrouter serve --engine mock --both 2` for a whole test module."""
-    stack = Stack(tmp_path_factory.mktemp("mock_stack"), "--both", "2", "--worker-arg=--mock-token-delay-ms=1")
+    stack = Stack(
+        tmp_path_factory.mktemp("mock_stack"), "--both", "2", "--worker-arg=--mock-token-delay-ms=1"
+    )
     yield stack
     stack.stop()

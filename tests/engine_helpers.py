@@ -30,4 +30,6 @@ def make_scheduler(num_blocks: int = 8, block_size: int = 4, **cfg) -> Scheduler
 
 
 def make_engine(num_blocks: int = 64, block_size: int = 4, delay_ms: float = 0.0, **cfg) -> Engine:
-    return Engine(MockRunner(make_spec(block_size), num_blocks, TimingModel(d=delay_ms)), SchedulerConfig(**cfg))
+    return Engine(
+        MockRunner(make_spec(block_size), num_blocks, TimingModel(d=delay_ms)), SchedulerConfig(**cfg)
+    )

@@ -69,7 +69,9 @@ def wait_http_ok(url: str, proc: Proc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise RuntimeError(f"process exited with {proc.proc.returncode} before {url} was ready:\n{proc.log()[-4000:]}")
+            raise RuntimeError(
+                f"process exited with {proc.proc.returncode} before {url} was ready:\n{proc.log()[-4000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -87,7 +89,16 @@ class Stack:
         self.port = free_port()
         self.grpc_port = free_port()
         self.proc = Proc(
-            pdrouter("serve", "--engine", engine, "--port", str(self.port), "--grpc-port", str(self.grpc_port), *extra),
+            pdrouter(
+                "serve",
+                "--engine",
+                engine,
+                "--port",
+                str(self.port),
+                "--grpc-port",
+                str(self.grpc_port),
+                *extra,
+            ),
             tmp / f"serve-{self.port}.log",
         )
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -52,6 +52,7 @@ async def test_cancellation_frees_every_block() -> None:
     engine = make_engine(num_blocks=64, block_size=4, delay_ms=2.0)
     engine.start()
     try:
+
         async def cancel_after(i: int, n: int) -> None:
             got = 0
             async for out in engine.generate(f"c{i}", list(range(10, 40)), SamplingParams(max_tokens=200)):
@@ -60,7 +61,7 @@ async def test_cancellation_frees_every_block() -> None:
                     break  # closing the iterator aborts the request
 
         await asyncio.gather(*[cancel_after(i, 1 + i) for i in range(8)])
-        tokens, last = await _collect(engine, "after", [5, 6, 7], max_tokens=2)
+        _, last = await _collect(engine, "after", [5, 6, 7], max_tokens=2)
         assert last.finish_reason is FinishReason.LENGTH
         assert engine.load().num_running == 0 and engine.load().num_waiting == 0
         assert engine.block_manager.num_free_blocks == 64
@@ -75,8 +76,12 @@ async def test_preemption_under_block_pressure_keeps_outputs() -> None:
     tight.start()
     try:
         prompts = [list(range(10 + i, 30 + i)) for i in range(6)]
-        want = await asyncio.gather(*[_collect(roomy, f"r{i}", p, max_tokens=20, seed=i) for i, p in enumerate(prompts)])
-        got = await asyncio.gather(*[_collect(tight, f"r{i}", p, max_tokens=20, seed=i) for i, p in enumerate(prompts)])
+        want = await asyncio.gather(
+            *[_collect(roomy, f"r{i}", p, max_tokens=20, seed=i) for i, p in enumerate(prompts)]
+        )
+        got = await asyncio.gather(
+            *[_collect(tight, f"r{i}", p, max_tokens=20, seed=i) for i, p in enumerate(prompts)]
+        )
         assert [g[0] for g in got] == [w[0] for w in want]
         assert tight.scheduler.num_preemptions > 0
         assert tight.block_manager.num_free_blocks == 24

@@ -25,7 +25,9 @@ def client(mock_stack) -> openai.OpenAI:
 
 
 def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=body, headers={"content-type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=body, headers={"content-type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, dict(r.headers), json.loads(r.read())
@@ -51,7 +53,12 @@ def test_chat_non_streaming_usage(client) -> None:
 def test_chat_streaming_matches_non_streaming(client) -> None:
     full = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0, seed=5)
     stream = client.chat.completions.create(
-        model=MODEL, messages=CHAT, max_tokens=12, temperature=0, seed=5, stream=True,
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=12,
+        temperature=0,
+        seed=5,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -66,7 +73,11 @@ def test_completions_streaming_and_not(client) -> None:
     r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0)
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == 4
-    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
 
 
@@ -76,7 +87,10 @@ def test_prefix_cache_reported_in_usage(client) -> None:
     again = client.chat.completions.create(model=MODEL, messages=long, max_tokens=2)
     # NOTE: two workers round-robin; a third call lands where the first did
     third = client.chat.completions.create(model=MODEL, messages=long, max_tokens=2)
-    cached = [again.usage.prompt_tokens_details.cached_tokens, third.usage.prompt_tokens_details.cached_tokens]
+    cached = [
+        again.usage.prompt_tokens_details.cached_tokens,
+        third.usage.prompt_tokens_details.cached_tokens,
+    ]
     assert max(cached) >= 16 * ((third.usage.prompt_tokens - 1) // 16)
 
 
@@ -95,9 +109,24 @@ def test_headers_request_id_and_route(mock_stack) -> None:
         (b"{not json", 400, None, "invalid_json"),
         (json.dumps({"model": MODEL, "messages": []}).encode(), 400, "messages", "empty_array"),
         (json.dumps({"model": "nope", "messages": CHAT}).encode(), 404, "model", "model_not_found"),
-        (json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": -1}).encode(), 400, "max_tokens", "invalid_value"),
-        (json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": "x"}).encode(), 400, "max_tokens", "invalid_type"),
-        (json.dumps({"model": MODEL, "messages": CHAT, "temperature": 9}).encode(), 400, "temperature", "invalid_value"),
+        (
+            json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": -1}).encode(),
+            400,
+            "max_tokens",
+            "invalid_value",
+        ),
+        (
+            json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": "x"}).encode(),
+            400,
+            "max_tokens",
+            "invalid_type",
+        ),
+        (
+            json.dumps({"model": MODEL, "messages": CHAT, "temperature": 9}).encode(),
+            400,
+            "temperature",
+            "invalid_value",
+        ),
         (json.dumps({"model": MODEL}).encode(), 400, "messages", "invalid_type"),
         (
             json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}).encode(),
@@ -140,8 +169,11 @@ def test_grpc_generate_equals_http(mock_stack, client) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{mock_stack.grpc_port}") as ch:
         stub = ipb_grpc.InferenceStub(ch)
         req = ipb.GenerateRequest(
-            model=MODEL, chat=ipb.ChatInput(messages=[ipb.ChatMessage(role="user", content=CHAT[0]["content"])]),
-            max_tokens=10, temperature=0, seed=9,
+            model=MODEL,
+            chat=ipb.ChatInput(messages=[ipb.ChatMessage(role="user", content=CHAT[0]["content"])]),
+            max_tokens=10,
+            temperature=0,
+            seed=9,
         )
         text, complete = "", None
         for resp in stub.Generate(req, timeout=30):

@@ -14,7 +14,9 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto" / "pdrouter_proto").glob("*.proto"))
     assert protos, "no .proto sources found"
     out = [f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}"]
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", *out, *protos], cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", *out, *protos], cwd=ROOT, check=True
+    )
     generated = sorted((tmp_path / "pdrouter_proto").iterdir())
     assert generated
     stale = [p.name for p in generated if p.read_bytes() != (ROOT / "pdrouter_proto" / p.name).read_bytes()]

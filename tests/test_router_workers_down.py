@@ -33,18 +33,33 @@ def _wait_status(url: str, want: int, timeout: float = 30) -> None:
 
 
 def _worker(tmp_path, port: int, model: str) -> Proc:
-    return Proc(pdrouter("worker", "--engine", "mock", "--port", str(port), "--model", model), tmp_path / f"w{port}-{time.monotonic_ns()}.log")
+    return Proc(
+        pdrouter("worker", "--engine", "mock", "--port", str(port), "--model", model),
+        tmp_path / f"w{port}-{time.monotonic_ns()}.log",
+    )
 
 
 def test_all_workers_down_then_back(tmp_path, default_model_dir) -> None:
     wport, hport, gport = free_port(), free_port(), free_port()
     worker = _worker(tmp_path, wport, str(default_model_dir))
     router = Proc(
-        pdrouter("router", "--port", str(hport), "--grpc-port", str(gport), "--worker", f"127.0.0.1:{wport}", "--model", str(default_model_dir)),
+        pdrouter(
+            "router",
+            "--port",
+            str(hport),
+            "--grpc-port",
+            str(gport),
+            "--worker",
+            f"127.0.0.1:{wport}",
+            "--model",
+            str(default_model_dir),
+        ),
         tmp_path / "router.log",
     )
     base = f"http://127.0.0.1:{hport}"
-    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).encode()
+    body = json.dumps(
+        {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    ).encode()
     try:
         wait_http_ok(base + "/ready", router, 60)
         assert _status(base + "/v1/chat/completions", body)[0] == 200
@@ -63,7 +78,16 @@ def test_all_workers_down_then_back(tmp_path, default_model_dir) -> None:
 
 def test_serve_reports_a_dead_child(tmp_path, default_model_dir) -> None:
     serve = Proc(
-        pdrouter("serve", "--engine", "mock", "--port", str(free_port()), "--grpc-port", str(free_port()), "--worker-arg=--mock-timing=oops"),
+        pdrouter(
+            "serve",
+            "--engine",
+            "mock",
+            "--port",
+            str(free_port()),
+            "--grpc-port",
+            str(free_port()),
+            "--worker-arg=--mock-timing=oops",
+        ),
         tmp_path / "serve.log",
     )
     try:

@@ -15,8 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from pdrouter_proto import worker_pb2, worker_pb2_grpc
 from workers.engine.engine import Engine
+from workers.engine.runner import spec_from_model_dir
 from workers.engine.scheduler import SchedulerConfig
-from workers.mock.runner import MockRunner, TimingModel, spec_from_model_dir
+from workers.mock.runner import MockRunner, TimingModel
 from workers.model_files import resolve_model
 from workers.service import WorkerService
 
@@ -29,16 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50061, help="gRPC port")
     p.add_argument("--role", choices=["both", "prefill", "decode"], default="both")
     p.add_argument("--engine", choices=["hf", "mock"], default="hf")
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF directory")
+    p.add_argument(
+        "--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF directory"
+    )
     p.add_argument("--worker-id", default="", help="defaults to HOST:PORT")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default=None, help="float32/float16/bfloat16 (default: float32 on CPU, bf16 on CUDA)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: cores / workers on this host)")
+    p.add_argument(
+        "--dtype", default=None, help="float32/float16/bfloat16 (default: float32 on CPU, bf16 on CUDA)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: cores / workers on this host)"
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=0, help="KV pool size in blocks (0: from --kv-cache-mb)")
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget (chunked prefill)")
+    p.add_argument(
+        "--max-batched-tokens", type=int, default=512, help="per-step token budget (chunked prefill)"
+    )
     p.add_argument("--mock-token-delay-ms", type=float, default=0.0, help="mock: fixed time per decode step")
     p.add_argument(
         "--mock-timing",
@@ -55,7 +64,9 @@ def parse_timing(text: str, token_delay_ms: float) -> TimingModel:
     try:
         a, b, c, d, e, f = (float(x) for x in text.split(","))
     except ValueError as exc:
-        raise SystemExit(f"--mock-timing wants six comma-separated numbers a,b,c,d,e,f; got {text!r}") from exc
+        raise SystemExit(
+            f"--mock-timing wants six comma-separated numbers a,b,c,d,e,f; got {text!r}"
+        ) from exc
     return TimingModel(a=a, b=b, c=c, d=d, e=e, f=f)
 
 
@@ -64,7 +75,11 @@ def build_engine(args: argparse.Namespace) -> Engine:
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens)
     if args.engine == "mock":
         spec = spec_from_model_dir(model_dir, block_size=args.block_size)
-        runner = MockRunner(spec, args.num_blocks or args.mock_num_blocks, parse_timing(args.mock_timing, args.mock_token_delay_ms))
+        runner = MockRunner(
+            spec,
+            args.num_blocks or args.mock_num_blocks,
+            parse_timing(args.mock_timing, args.mock_token_delay_ms),
+        )
         return Engine(runner, sched)
     import torch
 
@@ -87,7 +102,11 @@ async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (
+        worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(names, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(names[0], health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -103,7 +122,10 @@ async def serve(args: argparse.Namespace) -> None:
     engine.start()
     service.attach(engine)
     await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)
-    print(f"pdrouter worker {worker_id} ready ({args.engine}, role={args.role}, model={engine.spec.name})", flush=True)
+    print(
+        f"pdrouter worker {worker_id} ready ({args.engine}, role={args.role}, model={engine.spec.name})",
+        flush=True,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,7 +139,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s"
+    )
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):

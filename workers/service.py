@@ -92,7 +92,9 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> None:
         if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is still loading its model")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is still loading its model"
+            )
 
     # -- Info -------------------------------------------------------------------------------
 
@@ -123,7 +125,9 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     # -- Prefill / Decode -------------------------------------------------------------------
 
-    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
         await self._ready(context)
         params = params_from_pb(request.params)
         params.max_tokens = 1
@@ -141,7 +145,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         except EngineError as exc:
             return pb.PrefillResponse(request_id=request.request_id, error=_error(request.request_id, exc))
         return pb.PrefillResponse(
-            request_id=request.request_id, error=pb.Error(code=grpc.StatusCode.ABORTED.value[0], message="aborted")
+            request_id=request.request_id,
+            error=pb.Error(code=grpc.StatusCode.ABORTED.value[0], message="aborted"),
         )
 
     async def Decode(
@@ -179,7 +184,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         finally:
             await gen.aclose()
 
-    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
         return pb.ReleaseResponse(released=False)
 
     # -- Subscribe --------------------------------------------------------------------------

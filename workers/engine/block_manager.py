@@ -23,7 +23,7 @@ class KvEvent(msgspec.Struct, array_like=True, gc=False):
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "block_hash", "token_ids", "prev", "next")
+    __slots__ = ("block_hash", "block_id", "next", "prev", "ref_count", "token_ids")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id

@@ -53,7 +53,7 @@ class RequestOutput:
 class _Stream:
     """Per-request mailbox filled by the loop thread (via the event loop) and drained by generate()."""
 
-    __slots__ = ("seq", "pending", "event", "want_logprobs")
+    __slots__ = ("event", "pending", "seq", "want_logprobs")
 
     def __init__(self, seq: Sequence) -> None:
         self.seq = seq
@@ -153,7 +153,9 @@ class Engine:
                 await stream.event.wait()
                 stream.event.clear()
                 items, stream.pending = stream.pending, []
-                out = RequestOutput(num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+                out = RequestOutput(
+                    num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens
+                )
                 if stream.want_logprobs:
                     out.logprobs, out.top_logprobs = [], []
                 for token_id, sampled, reason in items:
@@ -182,7 +184,9 @@ class Engine:
             self._inbox.append((request_id, item))
             self._cv.notify()
 
-    def _deliver(self, outputs: list[tuple[str, int | None, object, FinishReason | None]], events: list[KvEvent]) -> None:
+    def _deliver(
+        self, outputs: list[tuple[str, int | None, object, FinishReason | None]], events: list[KvEvent]
+    ) -> None:
         streams = self._streams
         for request_id, token_id, sampled, reason in outputs:
             stream = streams.get(request_id)

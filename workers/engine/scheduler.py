@@ -29,7 +29,9 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: list[int]
+    ) -> None:
         self.config = config
         self.bm = block_manager
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -44,7 +46,9 @@ class Scheduler:
 
     def queued_prefill_tokens(self) -> int:
         return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting) + sum(
-            s.num_tokens - s.num_computed_tokens - 1 for s in self.running if s.num_computed_tokens < s.num_tokens - 1
+            s.num_tokens - s.num_computed_tokens - 1
+            for s in self.running
+            if s.num_computed_tokens < s.num_tokens - 1
         )
 
     def add(self, seq: Sequence) -> None:

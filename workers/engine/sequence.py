@@ -38,17 +38,17 @@ class Sequence:
     """Token ids are prompt + output; the first `num_computed_tokens` have KV in `block_table`."""
 
     __slots__ = (
-        "request_id",
-        "token_ids",
-        "num_prompt_tokens",
-        "num_computed_tokens",
-        "num_cached_tokens",
-        "block_table",
-        "block_hashes",
-        "params",
-        "status",
-        "finish_reason",
         "arrival_time",
+        "block_hashes",
+        "block_table",
+        "finish_reason",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_prompt_tokens",
+        "params",
+        "request_id",
+        "status",
+        "token_ids",
     )
 
     def __init__(

@@ -7,14 +7,12 @@ the same prompt and seed always give the same tokens, whatever else shares the b
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import msgspec
 import xxhash
 
-from workers.engine.runner import KvLayout, ModelSpec
+from workers.engine.runner import ModelSpec
 from workers.engine.sequence import SampledToken, ScheduledSeq
 
 FIRST_ORDINARY_TOKEN = 100  # NOTE: keeps mock output clear of special/control tokens
@@ -33,30 +31,6 @@ class TimingModel(msgspec.Struct, kw_only=True):
         if num_decodes:
             ms += self.d + self.e * num_decodes + self.f * decode_context
         return ms
-
-
-def spec_from_model_dir(model_dir: Path, block_size: int = 16, dtype: str = "float16") -> ModelSpec:
-    """Model facts from a Hugging Face config.json, without loading weights."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    gen_path = model_dir / "generation_config.json"
-    eos = json.loads(gen_path.read_text()).get("eos_token_id") if gen_path.exists() else None
-    eos = cfg.get("eos_token_id") if eos is None else eos
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    heads = cfg["num_attention_heads"]
-    layout = KvLayout(
-        dtype=dtype,
-        num_layers=cfg["num_hidden_layers"],
-        num_kv_heads=cfg.get("num_key_value_heads", heads),
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        block_size=block_size,
-    )
-    return ModelSpec(
-        name=cfg.get("_name_or_path") or model_dir.name,
-        vocab_size=cfg["vocab_size"],
-        max_model_len=cfg.get("max_position_embeddings", 4096),
-        eos_token_ids=eos_ids,
-        layout=layout,
-    )
 
 
 class MockRunner:
@@ -98,7 +72,8 @@ class MockRunner:
         if seq.params.logprobs is None:
             return SampledToken(token_id)
         top = [(token_id, -0.5)] + [
-            (FIRST_ORDINARY_TOKEN + (h >> (8 * k)) % self._span, -1.0 - k) for k in range(1, seq.params.logprobs)
+            (FIRST_ORDINARY_TOKEN + (h >> (8 * k)) % self._span, -1.0 - k)
+            for k in range(1, seq.params.logprobs)
         ]
         return SampledToken(token_id, -0.5, top[: seq.params.logprobs] or None)
 

@@ -1,0 +1,151 @@
+"""Attention over the paged KV pool for one mixed step: write new K/V -> decodes -> prefill chunks.
+
+A step's tokens are laid out single-token entries (decodes) first, then multi-token chunks.
+Decodes run as ONE padded SDPA call per layer: each sequence's blocks are gathered into
+[batch, kv_heads, context, head_dim] and the query heads sharing a KV head ride in the query
+length dimension (no repeated K/V for GQA). Chunks run one SDPA call each; a chunk with no
+cached prefix attends only to its own new K/V and skips the gather.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    begin: int  # token index range of the chunk within the step
+    end: int
+    context_len: int  # start + num_tokens: keys [0, context_len) are attended
+    block_table: torch.Tensor | None  # blocks covering the context; None when start == 0
+    mask: torch.Tensor | None  # [num_tokens, context_len] causal mask; None when start == 0
+
+
+@dataclass(slots=True)
+class StepAttention:
+    positions: torch.Tensor  # [tokens]
+    slot_blocks: torch.Tensor  # [tokens]: block id that receives each token's K/V
+    slot_offsets: torch.Tensor  # [tokens]: offset inside that block
+    num_decodes: int
+    decode_tables: torch.Tensor | None  # [decodes * max blocks]: block ids, row-major, padded with block 0
+    decode_mask: torch.Tensor | None  # [decodes, 1, 1, max blocks * block_size]
+    chunks: list[PrefillChunk]
+
+
+def plan_step(
+    entries: list[tuple[int, int, list[int]]], block_size: int, device: torch.device
+) -> StepAttention:
+    """What every layer of one step shares; entries = (start, num_tokens, block_table), decodes first."""
+    starts = [s for s, _, _ in entries]
+    counts = [n for _, n, _ in entries]
+    ends = [s + n for s, n in zip(starts, counts, strict=True)]
+    begins = [0, *itertools.accumulate(counts)]
+    nblks = [-(-e // block_size) for e in ends]
+    width = max(nblks)
+    rows = [t[:k] + [0] * (width - k) for (_, _, t), k in zip(entries, nblks, strict=True)]
+    tables = torch.tensor(rows, dtype=torch.long)
+    counts_t = torch.tensor(counts)
+    shift = torch.tensor([s - b for s, b in zip(starts, begins[:-1], strict=True)])
+    positions = torch.arange(begins[-1]) + shift.repeat_interleave(counts_t)
+    entry = torch.arange(len(entries)).repeat_interleave(counts_t)
+    slot_blocks = tables[entry, positions // block_size]
+
+    num_decodes = next((i for i, n in enumerate(counts) if n != 1), len(counts))
+    decode_tables = decode_mask = None
+    if num_decodes:
+        dwidth = max(nblks[:num_decodes])
+        decode_tables = tables[:num_decodes, :dwidth].flatten().to(device)
+        visible = torch.arange(dwidth * block_size)[None, :] < torch.tensor(ends[:num_decodes])[:, None]
+        decode_mask = visible.view(num_decodes, 1, 1, -1).to(device)
+    chunks = []
+    for i in range(num_decodes, len(entries)):
+        start, end = starts[i], ends[i]
+        table = mask = None
+        if start:
+            table = tables[i, : nblks[i]].to(device)
+            mask = (torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]).to(device)
+        chunks.append(PrefillChunk(begins[i], begins[i + 1], end, table, mask))
+    return StepAttention(
+        positions=positions.to(device),
+        slot_blocks=slot_blocks.to(device),
+        slot_offsets=(positions % block_size).to(device),
+        num_decodes=num_decodes,
+        decode_tables=decode_tables,
+        decode_mask=decode_mask,
+        chunks=chunks,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    step: StepAttention,
+    scale: float,
+) -> torch.Tensor:
+    """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]; caches: [blocks, block_size, kv_heads, d].
+
+    Returns [tokens, heads * d].
+    """
+    k_cache[step.slot_blocks, step.slot_offsets] = k
+    v_cache[step.slot_blocks, step.slot_offsets] = v
+    n, heads, d = q.shape
+    b = step.num_decodes
+    if b == n:
+        return _decode(q, k_cache, v_cache, step, scale).view(n, heads * d)
+    out = torch.empty((n, heads, d), dtype=q.dtype, device=q.device)
+    if b:
+        out[:b] = _decode(q[:b], k_cache, v_cache, step, scale)
+    for c in step.chunks:
+        out[c.begin : c.end] = _chunk(q, k, v, k_cache, v_cache, c, scale)
+    return out.view(n, heads * d)
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepAttention, scale: float
+) -> torch.Tensor:
+    b, heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    # NOTE: index_select, not k_cache[tables]: advanced indexing of a strided view is ~4x slower.
+    tables = step.decode_tables
+    keys = k_cache.index_select(0, tables).view(b, -1, kv_heads, d).transpose(1, 2)
+    values = v_cache.index_select(0, tables).view(b, -1, kv_heads, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.view(b, kv_heads, heads // kv_heads, d), keys, values, attn_mask=step.decode_mask, scale=scale
+    )
+    return o.view(b, heads, d)
+
+
+def _chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    c: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    # NOTE: 4-D inputs: with 3-D ones SDPA on CPU falls back to the ~4x slower math kernel.
+    qc = q[c.begin : c.end].transpose(0, 1)[None]
+    if c.block_table is None:
+        keys, values = k[c.begin : c.end], v[c.begin : c.end]
+    else:
+        kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+        keys = k_cache.index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
+        values = v_cache.index_select(0, c.block_table).view(-1, kv_heads, d)[: c.context_len]
+    o = F.scaled_dot_product_attention(
+        qc,
+        keys.transpose(0, 1)[None],
+        values.transpose(0, 1)[None],
+        attn_mask=c.mask,
+        is_causal=c.mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[0].transpose(0, 1)

@@ -1,0 +1,94 @@
+"""The torch runner: one engine step = plan attention -> forward all tokens -> logits of samplers -> sample.
+
+Owns the model weights, the KV pool and the sampler. The pool is ONE contiguous tensor
+[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], block-major so that
+`kv_pool[block_id]` is one slab holding that block for every layer (what KV transfer copies);
+the model attends through strided per-layer K and V views of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from workers.engine.attention import plan_step
+from workers.engine.llama import LlamaModel
+from workers.engine.runner import ModelSpec, spec_from_model_dir
+from workers.engine.sampler import Sampler
+from workers.engine.sequence import SampledToken, ScheduledSeq
+
+CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
+CUDA_KV_CACHE_FRACTION = 0.5  # of the memory still free once the weights are loaded
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        device: str = "cpu",
+        dtype: str | None = None,
+        kv_cache_bytes: int | None = None,
+    ) -> None:
+        model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        self.dtype: torch.dtype = getattr(torch, dtype)
+        self.model = LlamaModel.load(model_dir, self.device, self.dtype)
+        # NOTE: shared with the mock runner so both engines describe a directory identically.
+        self.spec: ModelSpec = spec_from_model_dir(model_dir, block_size, dtype)
+        layout = self.spec.layout
+        if num_blocks is None:
+            num_blocks = max(1, (kv_cache_bytes or self._default_kv_bytes()) // layout.block_bytes)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # NOTE: zeros, not empty: padded decode gathers read unwritten slots, and 0 * NaN would leak.
+        self.kv_pool = torch.zeros(
+            (num_blocks, layout.num_layers, 2, block_size, layout.num_kv_heads, layout.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_caches = [(self.kv_pool[:, i, 0], self.kv_pool[:, i, 1]) for i in range(layout.num_layers)]
+        self.sampler = Sampler()
+
+    def _default_kv_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * CUDA_KV_CACHE_FRACTION)
+        return CPU_KV_CACHE_BYTES
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> list[SampledToken | None]:
+        if not batch:
+            return []
+        # NOTE: single-token entries go first so all decodes share one padded attention call.
+        order = sorted(range(len(batch)), key=lambda i: batch[i].num_tokens != 1)
+        items = [batch[i] for i in order]
+        token_ids: list[int] = []
+        last_token: list[int] = []
+        for it in items:
+            token_ids.extend(it.seq.token_ids[it.start : it.start + it.num_tokens])
+            last_token.append(len(token_ids) - 1)
+        step = plan_step(
+            [(it.start, it.num_tokens, it.seq.block_table) for it in items], self.block_size, self.device
+        )
+        input_ids = torch.tensor(token_ids, dtype=torch.long).to(self.device)
+        hidden = self.model.forward(input_ids, step.positions, step, self.kv_caches)
+
+        sampling = [j for j, it in enumerate(items) if it.sample]
+        out: list[SampledToken | None] = [None] * len(batch)
+        if not sampling:
+            return out
+        rows = torch.tensor([last_token[j] for j in sampling], device=self.device)
+        logits = self.model.logits(hidden[rows])
+        seqs = [items[j].seq for j in sampling]
+        tokens = self.sampler.sample(logits, [s.request_id for s in seqs], [s.params for s in seqs])
+        for j, tok in zip(sampling, tokens, strict=True):
+            out[order[j]] = tok
+        return out
+
+    def free(self, request_id: str) -> None:
+        self.sampler.free(request_id)

@@ -1,0 +1,74 @@
+"""Next-token choice from the last-position logits: greedy rows in one argmax, the rest one by one.
+
+Sampled rows apply temperature -> top_k -> top_p, then draw from a per-request generator when
+the request has a seed (created on first use, so the same prompt and seed give the same tokens
+whatever shares the batch) or from the global RNG otherwise. Logprobs are taken from the
+model's own distribution (log_softmax of the raw logits, before temperature), as OpenAI reports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.engine.sequence import SampledToken, SamplingParams
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+
+    def free(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def sample(
+        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+    ) -> list[SampledToken]:
+        """logits: [rows, vocab] (any float dtype); one SampledToken per row."""
+        logits = logits.float()
+        token_ids = logits.argmax(dim=-1).tolist()
+        for i, p in enumerate(params):
+            if not p.greedy:
+                token_ids[i] = self._draw(logits[i], p, self._generator(request_ids[i], p, logits.device))
+        out = [SampledToken(t) for t in token_ids]
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if rows:
+            self._add_logprobs(logits[rows], [out[i] for i in rows], [params[i] for i in rows])
+        return out
+
+    def _generator(self, request_id: str, p: SamplingParams, device: torch.device) -> torch.Generator | None:
+        if p.seed is None:
+            return None
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = self._generators[request_id] = torch.Generator(device=device)
+            gen.manual_seed(p.seed)
+        return gen
+
+    @staticmethod
+    def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+        row = row / p.temperature
+        if 0 < p.top_k < row.shape[0]:
+            values, ids = row.topk(p.top_k)
+        else:
+            values, ids = row.sort(descending=True)
+        probs = values.softmax(dim=-1)
+        if p.top_p < 1.0:
+            # NOTE: keep the smallest best-first prefix whose mass reaches top_p (always >= 1 token).
+            keep = (probs.cumsum(dim=-1) - probs) < p.top_p
+            probs = probs * keep
+        choice = torch.multinomial(probs, 1, generator=gen)
+        return int(ids[choice])
+
+    @staticmethod
+    def _add_logprobs(logits: torch.Tensor, tokens: list[SampledToken], params: list[SamplingParams]) -> None:
+        logprobs = logits.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor([[t.token_id] for t in tokens], device=logits.device))
+        for lp, t in zip(chosen.view(-1).tolist(), tokens, strict=True):
+            t.logprob = lp
+        k = max(p.logprobs or 0 for p in params)
+        if k == 0:
+            return
+        top_values, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        for t, p, vals, ids in zip(tokens, params, top_values.tolist(), top_ids.tolist(), strict=True):
+            if p.logprobs:
+                t.top_logprobs = list(zip(ids[: p.logprobs], vals[: p.logprobs], strict=True))

@@ -10,7 +10,7 @@ from tests._tiny_llama import hf_greedy, make_tiny_llama
 from workers.engine.engine import Engine
 from workers.engine.model_runner import ModelRunner
 from workers.engine.scheduler import SchedulerConfig
-from workers.engine.sequence import SamplingParams
+from workers.engine.sequence import KvImport, SamplingParams
 
 pytestmark = pytest.mark.unit
 
@@ -100,3 +100,51 @@ async def test_cancellations_leave_no_blocks(tiny) -> None:
         assert engine.load().num_running == 0
     finally:
         engine.stop()
+
+
+async def _disagg(prefill: Engine, decode: Engine, rid: str, prompt: list[int], n: int, fail: bool = False):
+    """Prefill on one engine (blocks pinned), pull the KV into the other, decode there."""
+    first, pinned = None, None
+    async for out in prefill.generate(rid, prompt, SamplingParams(max_tokens=1, **GREEDY), pin_on_finish=True):
+        first, pinned = out.token_ids[0], out.pinned_block_ids
+    src_pool, dst_pool = prefill.runner.kv_pool, decode.runner.kv_pool
+    pulled: list[int] = []
+
+    async def pull(src: list[int], dst: list[int]) -> None:
+        if fail:
+            raise ConnectionError("injected transfer failure")
+        pulled.extend(src)
+        dst_pool[dst] = src_pool[src]
+
+    imp = KvImport(pinned, len(prompt), pull)
+    tokens, last = [first], None
+    async for out in decode.generate(rid, [*prompt, first], SamplingParams(max_tokens=n - 1, **GREEDY), kv_import=imp):
+        tokens += out.token_ids
+        last = out
+    prefill.unpin(rid)
+    return tokens, last, pulled
+
+
+async def test_disaggregated_prefill_then_decode_equals_transformers(tiny) -> None:
+    path, model = tiny
+    prefill, decode = make_engine(path, num_blocks=64), make_engine(path, num_blocks=64)
+    prefill.start()
+    decode.start()
+    try:
+        prefix = [(3 * j) % 250 + 11 for j in range(40)]
+        a = [*prefix, 5, 6, 7]
+        tokens, last, pulled = await _disagg(prefill, decode, "a", a, 10)
+        assert tokens == hf_greedy(model, a, 10)
+        assert len(pulled) == 3 and last.kv_pulled_blocks == 3  # 43 tokens: 2 full blocks + a partial one
+        b = [*prefix, 9, 9]  # shares 2 full blocks with `a`, which the decode engine now caches
+        tokens, last, pulled = await _disagg(prefill, decode, "b", b, 8)
+        assert tokens == hf_greedy(model, b, 8)
+        assert len(pulled) == 1 and last.num_cached_tokens == 32  # only the partial tail block moved
+        tokens, last, _ = await _disagg(prefill, decode, "c", [*prefix, 1, 2, 3, 4], 8, fail=True)
+        assert tokens == hf_greedy(model, [*prefix, 1, 2, 3, 4], 8) and last.kv_pulled_blocks == -1
+        await _gen(prefill, "sync", [5], 1)  # the inbox is FIFO: earlier unpins are applied by now
+        assert prefill.scheduler.pinned == {}
+        assert prefill.block_manager.num_free_blocks == 64 and decode.block_manager.num_free_blocks == 64
+    finally:
+        prefill.stop()
+        decode.stop()

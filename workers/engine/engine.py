@@ -9,6 +9,7 @@ yields them, coalesced when the consumer lags -> finish or abort frees its block
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,9 @@ import msgspec
 from workers.engine.block_manager import BlockManager, KvEvent
 from workers.engine.runner import ModelSpec, Runner
 from workers.engine.scheduler import Scheduler, SchedulerConfig
-from workers.engine.sequence import FinishReason, SamplingParams, Sequence
+from workers.engine.sequence import FinishReason, KvImport, SamplingParams, Sequence
+
+log = logging.getLogger("pdrouter.engine")
 
 
 class EngineError(Exception):
@@ -48,6 +51,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    pinned_block_ids: list[int] | None = None  # prefill leg: blocks kept until unpin()
+    kv_pulled_blocks: int | None = None  # decode leg: blocks pulled (None: no pull; -1: pull failed)
 
 
 class _Stream:
@@ -86,6 +91,7 @@ class Engine:
         self._stopping = False
         self.event_listeners: list[Callable[[list[KvEvent]], None]] = []
         self.num_steps = 0
+        self._pulls: set[asyncio.Future] = set()
         self.num_generated_tokens = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -137,13 +143,25 @@ class Engine:
             )
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        pin_on_finish: bool = False,
+        kv_import: KvImport | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield new tokens as they come; closing the iterator early aborts the request."""
+        """Yield new tokens as they come; closing the iterator early aborts the request.
+
+        `pin_on_finish`: keep the blocks after finishing (a prefill leg) until `unpin()`.
+        `kv_import`: pull the first `kv_import.num_tokens` tokens' KV instead of computing it.
+        """
         self.validate(prompt_token_ids, params)
-        if request_id in self._streams:
+        if request_id in self._streams or request_id in self.scheduler.pinned:
             raise EngineError(f"request id {request_id!r} is already running", "ALREADY_EXISTS")
         seq = Sequence(request_id, prompt_token_ids, params, time.monotonic())
+        seq.pin_on_finish = pin_on_finish
+        seq.kv_import = kv_import
         stream = _Stream(seq)
         self._streams[request_id] = stream
         self._submit(request_id, seq)
@@ -171,6 +189,10 @@ class Engine:
                         out.finish_reason = reason
                 if out.finish_reason is not None:
                     finished = True
+                    if pin_on_finish and out.finish_reason is not FinishReason.ABORT:
+                        out.pinned_block_ids = list(seq.block_table)
+                    if kv_import is not None:
+                        out.kv_pulled_blocks = kv_import.num_pulled_blocks if kv_import.ok else -1
                     yield out
                     return
                 yield out
@@ -179,7 +201,11 @@ class Engine:
             if not finished:
                 self._submit(request_id, request_id)  # abort
 
-    def _submit(self, request_id: str, item: Sequence | str) -> None:
+    def unpin(self, request_id: str) -> None:
+        """Release a finished prefill leg's blocks (after the pull, or on expiry)."""
+        self._submit(request_id, "unpin")
+
+    def _submit(self, request_id: str, item: Sequence | str | tuple) -> None:
         with self._cv:
             self._inbox.append((request_id, item))
             self._cv.notify()
@@ -208,6 +234,12 @@ class Engine:
         for request_id, item in inbox:
             if isinstance(item, Sequence):
                 self.scheduler.add(item)
+            elif item == "unpin":
+                self.scheduler.unpin(request_id)
+            elif isinstance(item, tuple):  # ("kv", ok): a pull ended
+                seq = self.scheduler.import_done(request_id, item[1])
+                if seq is not None and seq.is_finished:
+                    self.runner.free(request_id)
             else:
                 seq = self.scheduler.abort(request_id)
                 if seq is not None:
@@ -222,6 +254,9 @@ class Engine:
             if self._stopping:
                 return
             batch = self.scheduler.schedule()
+            if self.scheduler.new_imports:
+                imports, self.scheduler.new_imports = self.scheduler.new_imports, []
+                loop.call_soon_threadsafe(self._start_imports, imports)
             if not batch:
                 if self.scheduler.num_unfinished:
                     # NOTE: nothing fits right now (pool full of pinned blocks); wait for a change.
@@ -246,6 +281,29 @@ class Engine:
             events, self._events[:] = list(self._events), []
             if outputs or events:
                 loop.call_soon_threadsafe(self._deliver, outputs, events)
+
+    def _start_imports(self, seqs: list[Sequence]) -> None:
+        bs = self.block_manager.block_size
+        for seq in seqs:
+            imp = seq.kv_import
+            assert imp is not None
+            first = seq.num_computed_tokens // bs  # blocks already held locally
+            last = -(-imp.num_tokens // bs)
+            src, dst = imp.src_block_ids[first:last], seq.block_table[first:last]
+            task = asyncio.ensure_future(self._pull(seq.request_id, imp, src, dst))
+            self._pulls.add(task)
+            task.add_done_callback(self._pulls.discard)
+
+    async def _pull(self, request_id: str, imp: KvImport, src: list[int], dst: list[int]) -> None:
+        ok = True
+        if src:
+            try:
+                await imp.pull(src, dst)
+                imp.num_pulled_blocks = len(src)
+            except Exception as exc:  # NOTE: any transfer failure falls back to local recompute
+                log.warning("KV pull for %s failed (%s); recomputing locally", request_id, exc)
+                ok = False
+        self._submit(request_id, ("kv", ok))
 
     def _fail_batch(self, batch, exc: Exception) -> None:
         outputs = []

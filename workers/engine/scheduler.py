@@ -37,12 +37,15 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.importing: dict[str, Sequence] = {}  # decode legs waiting for their prompt KV
+        self.new_imports: list[Sequence] = []  # admitted this step; the engine starts their pulls
+        self.pinned: dict[str, Sequence] = {}  # finished prefill legs whose blocks await a pull
         self.num_preemptions = 0
         self.num_computed_prompt_tokens = 0  # prompt tokens actually run through the model
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.importing)
 
     def queued_prefill_tokens(self) -> int:
         return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting) + sum(
@@ -65,7 +68,37 @@ class Scheduler:
                 self.waiting.remove(seq)
                 self._finish(seq, FinishReason.ABORT)
                 return seq
+        seq = self.importing.get(request_id)
+        if seq is not None:
+            # NOTE: a pull may be writing into its blocks; they are freed when the pull ends.
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = FinishReason.ABORT
+            return seq
         return None
+
+    def unpin(self, request_id: str) -> bool:
+        seq = self.pinned.pop(request_id, None)
+        if seq is None:
+            return False
+        self.bm.free(seq)
+        return True
+
+    def import_done(self, request_id: str, ok: bool) -> Sequence | None:
+        """A pull ended: on success the prompt KV is in place; on failure recompute it locally."""
+        seq = self.importing.pop(request_id, None)
+        if seq is None:
+            return None
+        assert seq.kv_import is not None
+        seq.kv_import.ok = ok
+        if seq.is_finished:  # aborted while pulling
+            self.bm.free(seq)
+            return seq
+        if ok:
+            seq.num_computed_tokens = seq.kv_import.num_tokens
+            self.bm.commit_full_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return seq
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -85,8 +118,13 @@ class Scheduler:
             batch.append(self._item(seq, n))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        max_seqs = self.config.max_num_seqs
+        while self.waiting and budget > 0 and len(self.running) + len(self.importing) < max_seqs:
             seq = self.waiting[0]
+            if seq.kv_import is not None and seq.kv_import.ok is None:
+                if not self._admit_import(seq):
+                    break
+                continue
             hits = self.bm.match_prefix(seq) if not seq.block_table else []
             num_cached = len(hits) * self.bm.block_size
             n = min(seq.num_tokens - num_cached, budget)
@@ -103,6 +141,23 @@ class Scheduler:
             batch.append(self._item(seq, n))
             budget -= n
         return batch
+
+    def _admit_import(self, seq: Sequence) -> bool:
+        """Allocate blocks for the prompt KV to pull (reusing locally cached prefix blocks)."""
+        imp = seq.kv_import
+        assert imp is not None
+        hits = self.bm.match_prefix(seq)  # at most the prompt's full blocks
+        num_blocks = -(-imp.num_tokens // self.bm.block_size)
+        need = num_blocks - len(hits)
+        if not self.bm.can_allocate(need + sum(1 for b in hits if b.ref_count == 0)):
+            return False
+        self.waiting.popleft()
+        self.bm.allocate_prefix(seq, hits)
+        seq.num_cached_tokens = seq.num_computed_tokens
+        self.bm.allocate(seq, need)
+        self.importing[seq.request_id] = seq
+        self.new_imports.append(seq)
+        return True
 
     def _item(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
@@ -159,4 +214,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if seq.pin_on_finish and reason is not FinishReason.ABORT:
+            self.pinned[seq.request_id] = seq
+            return
         self.bm.free(seq)

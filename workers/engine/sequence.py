@@ -42,10 +42,12 @@ class Sequence:
         "block_hashes",
         "block_table",
         "finish_reason",
+        "kv_import",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_prompt_tokens",
         "params",
+        "pin_on_finish",
         "request_id",
         "status",
         "token_ids",
@@ -65,6 +67,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.arrival_time = arrival_time
+        self.pin_on_finish = False  # prefill leg: keep the blocks until the decode side pulls them
+        self.kv_import: KvImport | None = None  # decode leg: prompt KV comes from another worker
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +89,21 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+class KvImport:
+    """Where a decode-leg sequence's prompt KV lives: `src_block_ids` on the prefill worker cover
+    the first `num_tokens` tokens; `pull(src_ids, dst_ids)` (async, run on the event loop) copies
+    some of them into this worker's pool."""
+
+    __slots__ = ("num_pulled_blocks", "num_tokens", "ok", "pull", "src_block_ids")
+
+    def __init__(self, src_block_ids: list[int], num_tokens: int, pull) -> None:
+        self.src_block_ids = src_block_ids
+        self.num_tokens = num_tokens
+        self.pull = pull
+        self.ok: bool | None = None
+        self.num_pulled_blocks = 0
 
 
 class ScheduledSeq(msgspec.Struct, gc=False):

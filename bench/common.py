@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,10 +23,8 @@ def machine() -> dict[str, Any]:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for mod in ("torch", "transformers", "grpc", "uvicorn", "msgspec"):
-        try:
+        with contextlib.suppress(Exception):  # NOTE: a missing optional package is just not recorded
             info[mod] = __import__(mod).__version__
-        except Exception:  # NOTE: a missing optional package is just not recorded
-            pass
     return info
 
 

@@ -19,10 +19,21 @@ import torch
 from bench.common import headline, pct, save, table
 
 TOPICS = [
-    "the history of the printing press", "how bees communicate", "why the sky is blue",
-    "the rules of chess", "how a compiler works", "the water cycle", "the French revolution",
-    "how vaccines work", "the life of a star", "what makes bread rise", "how tides work",
-    "the invention of the telephone", "why cats purr", "how rainbows form", "the Roman empire",
+    "the history of the printing press",
+    "how bees communicate",
+    "why the sky is blue",
+    "the rules of chess",
+    "how a compiler works",
+    "the water cycle",
+    "the French revolution",
+    "how vaccines work",
+    "the life of a star",
+    "what makes bread rise",
+    "how tides work",
+    "the invention of the telephone",
+    "why cats purr",
+    "how rainbows form",
+    "the Roman empire",
     "how airplanes fly",
 ]
 
@@ -43,8 +54,14 @@ def hf_single(model, prompts: list[list[int]], max_new: int) -> float:
         ids = torch.tensor([p])
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                 min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=0,
+            )
         elapsed += time.perf_counter() - t0
         total += out.shape[1] - len(p)
     return total / elapsed
@@ -56,8 +73,14 @@ def hf_static_batch(model, prompts: list[list[int]], max_new: int, pad_id: int) 
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                             do_sample=False, pad_token_id=pad_id)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
     return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
 
 
@@ -143,7 +166,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from workers.model_files import resolve_model
 
     model_dir = resolve_model(args.model)
@@ -161,8 +183,22 @@ def main() -> None:
     rows.append(["transformers static batch", 32, hf32, "", "", "", ""])
     for c in levels:
         r = ours_res[c]
-        rows.append(["pdrouter engine", c, r["tok_s"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"]])
-    print(table(["system", "concurrency", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows))
+        rows.append(
+            [
+                "pdrouter engine",
+                c,
+                r["tok_s"],
+                r["ttft_p50_ms"],
+                r["ttft_p99_ms"],
+                r["itl_p50_ms"],
+                r["itl_p99_ms"],
+            ]
+        )
+    print(
+        table(
+            ["system", "concurrency", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows
+        )
+    )
     figures = {
         "ours_tok_s_c1": round(ours_res[1]["tok_s"], 2),
         "ours_tok_s_c32": round(ours_res[32]["tok_s"], 2),
@@ -173,8 +209,17 @@ def main() -> None:
         "ttft_p50_ms_c32": round(ours_res[32]["ttft_p50_ms"], 1),
         "itl_p50_ms_c32": round(ours_res[32]["itl_p50_ms"], 1),
     }
-    path = save("engine", {"max_new_tokens": max_new, "threads": args.threads, "ours": ours_res,
-                           "hf_single": hf1, "hf_static32": hf32, "headline": figures})
+    path = save(
+        "engine",
+        {
+            "max_new_tokens": max_new,
+            "threads": args.threads,
+            "ours": ours_res,
+            "hf_single": hf1,
+            "hf_static32": hf32,
+            "headline": figures,
+        },
+    )
     plot(path.with_suffix(".png"), levels, ours_res, hf1, hf32)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     headline(figures)

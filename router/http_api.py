@@ -18,7 +18,7 @@ import msgspec
 
 from router import openai_schema as oa
 from router.errors import ApiError, invalid
-from router.orchestrator import ChoiceDelta, Orchestrator, Route
+from router.orchestrator import ChoiceDelta, Orchestrator
 from router.requests import (
     GenerationRequest,
     Limits,
@@ -27,6 +27,7 @@ from router.requests import (
     completion_prompts,
     completion_request,
 )
+from router.route_planner import Route
 from router.tokenizer import Tokenizer
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -65,7 +66,7 @@ class RouterState:
 
     @property
     def ready(self) -> bool:
-        return bool(self.orchestrator.pool.healthy())
+        return bool(self.orchestrator.pool.healthy("decode"))
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if sum(len(m["content"]) for m in messages) > _LONG_PROMPT_CHARS:
@@ -198,7 +199,7 @@ class HttpApp:
         messages = chat_messages(req)
         prompt = await self.state.encode_chat(messages)
         gen = chat_request(req, prompt, self.state.limits)
-        await self._generate(gen, receive, resp)
+        await self._generate(gen, scope, receive, resp)
 
     async def completions(self, scope: dict, receive: Receive, resp: _Response) -> None:
         body = await self._body(scope, receive)
@@ -211,7 +212,7 @@ class HttpApp:
             p if isinstance(p, list) else await self.state.encode_text(p) for p in completion_prompts(req)
         ]
         gen = completion_request(req, prompts, self.state.limits)
-        await self._generate(gen, receive, resp)
+        await self._generate(gen, scope, receive, resp)
 
     async def _body(self, scope: dict, receive: Receive) -> bytes:
         limit = self.state.max_body_bytes
@@ -235,9 +236,10 @@ class HttpApp:
             if not msg.get("more_body"):
                 return b"".join(chunks)
 
-    async def _generate(self, gen: GenerationRequest, receive: Receive, resp: _Response) -> None:
-        route = self.state.orchestrator.route(gen)
-        extra = [(b"x-pdrouter-route", route.header().encode())]
+    async def _generate(self, gen: GenerationRequest, scope: dict, receive: Receive, resp: _Response) -> None:
+        orch = self.state.orchestrator
+        route = orch.route(gen, _header(scope, b"x-session-id") or gen.session_id)
+        extra = [(b"x-pdrouter-route", orch.route_header(route).encode())]
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
@@ -249,7 +251,7 @@ class HttpApp:
         finally:
             watcher.cancel()
 
-    async def _collect(self, gen: GenerationRequest, route: Route, resp: _Response, extra) -> None:
+    async def _collect(self, gen: GenerationRequest, route: list[Route], resp: _Response, extra) -> None:
         n = gen.num_choices
         texts: list[list[str]] = [[] for _ in range(n)]
         lps: list[list] = [[] for _ in range(n)]
@@ -291,7 +293,7 @@ class HttpApp:
             )
         await resp.json(200, _json.encode(body), extra)
 
-    async def _stream(self, gen: GenerationRequest, route: Route, resp: _Response, extra) -> None:
+    async def _stream(self, gen: GenerationRequest, route: list[Route], resp: _Response, extra) -> None:
         created = int(time.time())
         usage = _UsageSum(gen)
         rid, model = gen.request_id, gen.model

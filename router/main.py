@@ -18,8 +18,11 @@ from pdrouter_proto import inference_pb2, inference_pb2_grpc
 from router.grpc_api import InferenceService
 from router.http_api import HttpApp, RouterState
 from router.http_protocol import NoDelayHttpToolsProtocol
+from router.kv_index import KvIndex
 from router.orchestrator import Orchestrator
 from router.requests import Limits
+from router.route_planner import RoutePlanner
+from router.routing import POLICY_NAMES, ActiveLoad
 from router.tokenizer import Tokenizer
 from router.worker_pool import WorkerPool
 
@@ -39,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--served-model-name", default="", help="model id clients use (default: the model's name)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument(
+        "--prefill-policy", choices=POLICY_NAMES, default="kv", help="routing policy of the prefill pool"
+    )
+    p.add_argument(
+        "--decode-policy", choices=POLICY_NAMES, default="kv", help="routing policy of the decode pool"
+    )
+    p.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        default=512,
+        help="the decode worker prefills locally (aggregated) when it would compute at most this many tokens",
+    )
+    p.add_argument("--no-session-affinity", action="store_true", help="ignore the x-session-id header")
     return p
 
 
@@ -70,9 +86,19 @@ async def serve(args: argparse.Namespace) -> None:
     model_dir = resolve_model(args.model)
     tokenizer = Tokenizer.from_dir(model_dir)
     limits = _limits(model_dir, args.served_model_name)
-    pool = WorkerPool(args.worker)
+    index = KvIndex()
+    pool = WorkerPool(args.worker, on_event=lambda w, event: index.apply(w.worker_id, event))
+    planner = RoutePlanner(
+        pool,
+        index,
+        ActiveLoad(),
+        prefill_policy=args.prefill_policy,
+        decode_policy=args.decode_policy,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
+        session_affinity=not args.no_session_affinity,
+    )
     pool.start()
-    state = RouterState(Orchestrator(pool, tokenizer), tokenizer, limits, args.max_body_bytes)
+    state = RouterState(Orchestrator(planner, tokenizer), tokenizer, limits, args.max_body_bytes)
 
     grpc_server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), grpc_server)

@@ -1,16 +1,19 @@
 """Runs one GenerationRequest against the workers and yields text deltas per choice.
 
-Per choice: route (pick a worker) -> Decode stream (the worker prefills locally: the
-aggregated path) -> incremental detokenization -> stop strings -> deltas. A worker that
-is unreachable before its first token is marked unhealthy and the choice is retried on
-another; cancelling the consumer cancels the gRPC call, which aborts the work and frees
-the blocks on the worker.
+Per choice: plan a route -> aggregated: Decode on one worker, which prefills locally;
+disaggregated: Prefill on the prefill worker (first token streamed at once: TTFT) then
+Decode on the decode worker with the KV handle (it pulls only the blocks it lacks) ->
+incremental detokenization -> stop strings -> deltas. A worker unreachable before its first
+token is marked unhealthy and the leg goes elsewhere; if the decode leg fails or the client
+goes away, the handle is released on the prefill worker. Cancelling the consumer cancels the
+gRPC calls, which abort the work and free the blocks on the workers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,11 +22,13 @@ import grpc
 from pdrouter_proto import worker_pb2 as pb
 from router.detokenizer import IncrementalDetokenizer
 from router.errors import ApiError
-from router.policy import RoundRobin
 from router.requests import GenerationRequest
+from router.route_planner import Route, RoutePlanner
 from router.stop_strings import StopStringMatcher
 from router.tokenizer import Tokenizer
-from router.worker_pool import WorkerClient, WorkerPool
+from router.worker_pool import WorkerClient
+
+log = logging.getLogger("pdrouter.router.orchestrator")
 
 FINISH_NAMES = {
     pb.FINISH_REASON_STOP: "stop",
@@ -32,6 +37,7 @@ FINISH_NAMES = {
 }
 # Worker error code (grpc.StatusCode value) -> HTTP status.
 _HTTP_FROM_GRPC = {3: 400, 5: 404, 6: 409, 8: 429, 9: 400, 11: 400, 14: 503, 4: 504}
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
 
 
 @dataclass(slots=True)
@@ -53,47 +59,72 @@ class ChoiceDelta:
     completion_tokens: int = 0
 
 
-@dataclass(slots=True)
-class Route:
-    mode: str
-    workers: list[WorkerClient]
+def _worker_error(err: pb.Error) -> ApiError:
+    return ApiError(_HTTP_FROM_GRPC.get(err.code, 500), err.message, None, "worker_error")
 
-    def header(self) -> str:
-        ids = ",".join(dict.fromkeys(w.worker_id for w in self.workers))
-        return f"mode={self.mode};decode={ids}"
+
+class _Choice:
+    """Detokenizer + stop strings of one choice: turns token chunks into deltas."""
+
+    def __init__(self, orch: Orchestrator, gen: GenerationRequest, index: int) -> None:
+        self.index = index
+        self.detok = IncrementalDetokenizer(orch.tokenizer)
+        self.stops = StopStringMatcher(gen.stop) if gen.stop else None
+        self.want_logprobs = gen.logprobs is not None
+        self.num_tokens = 0
+
+    def chunk(self, chunk: pb.TokenChunk) -> ChoiceDelta:
+        self.num_tokens += len(chunk.token_ids)
+        delta = ChoiceDelta(self.index, token_ids=list(chunk.token_ids))
+        text = self.detok.add(chunk.token_ids)
+        if self.want_logprobs:
+            delta.logprobs = _logprobs(chunk)
+        if self.stops is not None:
+            text, hit = self.stops.feed(text)
+            if hit:
+                delta.finish_reason = "stop"
+        delta.text = text
+        return delta
+
+    def finish(self, reason: str, prompt_tokens: int, cached_tokens: int) -> ChoiceDelta:
+        tail = self.detok.flush()
+        if self.stops is not None:
+            text, hit = self.stops.feed(tail)
+            tail = text if hit else text + self.stops.flush()
+        return ChoiceDelta(
+            self.index, text=tail, finish_reason=reason, prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens, completion_tokens=self.num_tokens,
+        )  # fmt: skip
 
 
 class Orchestrator:
-    def __init__(self, pool: WorkerPool, tokenizer: Tokenizer) -> None:
-        self.pool = pool
+    def __init__(self, planner: RoutePlanner, tokenizer: Tokenizer) -> None:
+        self.planner = planner
+        self.pool = planner.pool
         self.tokenizer = tokenizer
-        self.policy = RoundRobin()
 
-    def _pick(self, exclude: set[str] = frozenset()) -> WorkerClient:  # type: ignore[assignment]
-        candidates = [w for w in self.pool.healthy("decode") if w.address not in exclude]
-        if not candidates:
-            raise ApiError(
-                503,
-                "No healthy worker is available to serve this request; try again shortly.",
-                None,
-                "no_healthy_worker",
-            )
-        return self.policy.pick(candidates)
+    def route(self, gen: GenerationRequest, session_id: str = "") -> list[Route]:
+        """Plan every choice before any byte is sent, so routing errors are still clean 5xx."""
+        routes = []
+        for i in range(gen.num_choices):
+            rid = f"{gen.request_id}-{i}"
+            routes.append(self.planner.plan(rid, gen.prompts[i // gen.n], gen.max_tokens, session_id))
+        return routes
 
-    def route(self, gen: GenerationRequest) -> Route:
-        """Choose a worker per choice before any byte is sent (so errors are still clean 5xx)."""
-        return Route("aggregated", [self._pick() for _ in range(gen.num_choices)])
+    @staticmethod
+    def route_header(routes: list[Route]) -> str:
+        return ",".join(dict.fromkeys(r.header() for r in routes))
 
-    async def run(self, gen: GenerationRequest, route: Route) -> AsyncIterator[ChoiceDelta]:
+    async def run(self, gen: GenerationRequest, routes: list[Route]) -> AsyncIterator[ChoiceDelta]:
         if gen.num_choices == 1:
-            async for delta in self._run_choice(gen, 0, route.workers[0]):
+            async for delta in self._run_choice(gen, 0, routes[0]):
                 yield delta
             return
         queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
 
         async def pump(i: int) -> None:
             try:
-                async for delta in self._run_choice(gen, i, route.workers[i]):
+                async for delta in self._run_choice(gen, i, routes[i]):
                     queue.put_nowait(delta)
             except BaseException as exc:  # forwarded to the consumer, which re-raises
                 queue.put_nowait(exc)
@@ -116,16 +147,94 @@ class Orchestrator:
                 t.cancel()
 
     async def _run_choice(
-        self, gen: GenerationRequest, index: int, worker: WorkerClient
+        self, gen: GenerationRequest, index: int, route: Route
     ) -> AsyncIterator[ChoiceDelta]:
+        rid = f"{gen.request_id}-{index}"
         prompt = gen.prompts[index // gen.n]
-        request = pb.DecodeRequest(
-            request_id=f"{gen.request_id}-{index}", prompt_token_ids=prompt, params=gen.sampling(index)
-        )
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStringMatcher(gen.stop) if gen.stop else None
+        choice = _Choice(self, gen, index)
+        request = pb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, params=gen.sampling(index))
+        handle_owner: WorkerClient | None = None
+        try:
+            if route.prefill is not None:
+                first = await self._prefill(route, request)
+                if first is not None:
+                    pre, result = first
+                    self.planner.first_token(rid)
+                    delta = choice.chunk(result.first)
+                    done = (
+                        delta.finish_reason is not None
+                        or result.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                    )
+                    if done or not result.handle.token:
+                        # NOTE: nothing to pull (the first token ended it): release and finish here
+                        await self._release(pre, rid, result.handle.token)
+                        if delta.finish_reason is None:
+                            delta.finish_reason = FINISH_NAMES.get(result.finish_reason, "stop")
+                        delta.prompt_tokens, delta.cached_tokens = len(prompt), result.num_cached_tokens
+                        delta.completion_tokens = choice.num_tokens
+                        yield delta
+                        return
+                    handle_owner = pre
+                    request.generated_token_ids.extend(result.first.token_ids)
+                    request.kv_handle.CopyFrom(result.handle)
+                    cached = result.num_cached_tokens
+                    yield delta
+                else:
+                    cached = 0  # prefill pool unreachable: the decode worker prefills locally
+            async for delta in self._decode(route, request, choice, prompt):
+                if handle_owner is not None:
+                    handle_owner = None  # the decode worker has pulled and released it
+                if route.prefill is not None and delta.finish_reason is not None:
+                    delta.cached_tokens = max(delta.cached_tokens, cached)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if handle_owner is not None:
+                task = asyncio.ensure_future(self._release(handle_owner, rid, request.kv_handle.token))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+            self.planner.finished(rid)
+
+    async def _prefill(
+        self, route: Route, request: pb.DecodeRequest
+    ) -> tuple[WorkerClient, pb.PrefillResult] | None:
+        """Prefill leg with failover to another prefill worker; None when none is reachable."""
+        worker: WorkerClient | None = route.prefill
         tried: set[str] = set()
-        completion_tokens = 0
+        msg = pb.PrefillRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, params=request.params
+        )
+        while worker is not None:
+            current = worker
+            tried.add(current.address)
+            current.in_flight += 1
+            try:
+                resp = await current.stub.Prefill(msg)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRYABLE:
+                    detail = f"prefill worker {current.worker_id} failed: {exc.details()}"
+                    raise ApiError(502, detail, None, "worker_error") from exc
+                current.mark_unhealthy()
+                others = [
+                    w for w in self.pool.healthy("prefill") if w.role == "prefill" and w.address not in tried
+                ]
+                worker = others[0] if others else None
+                continue
+            finally:
+                current.in_flight -= 1
+            if resp.WhichOneof("result") == "error":
+                raise _worker_error(resp.error)
+            route.prefill = worker
+            return worker, resp.ok
+        route.prefill = None
+        return None
+
+    async def _decode(
+        self, route: Route, request: pb.DecodeRequest, choice: _Choice, prompt: list[int]
+    ) -> AsyncIterator[ChoiceDelta]:
+        worker = route.decode
+        tried: set[str] = set()
         while True:
             tried.add(worker.address)
             current = worker
@@ -137,58 +246,54 @@ class Orchestrator:
                     got_any = True
                     kind = resp.WhichOneof("kind")
                     if kind == "chunk":
-                        chunk = resp.chunk
-                        completion_tokens += len(chunk.token_ids)
-                        delta = ChoiceDelta(index, token_ids=list(chunk.token_ids))
-                        text = detok.add(chunk.token_ids)
-                        if gen.logprobs is not None:
-                            delta.logprobs = _logprobs(chunk)
-                        if stops is not None:
-                            text, hit = stops.feed(text)
-                            if hit:
-                                delta.text = text
-                                delta.finish_reason = "stop"
-                                delta.completion_tokens = completion_tokens
-                                delta.prompt_tokens = len(prompt)
-                                call.cancel()
-                                yield delta
-                                return
-                        delta.text = text
+                        delta = choice.chunk(resp.chunk)
+                        if delta.finish_reason is not None:  # a stop string
+                            delta.prompt_tokens = len(prompt)
+                            delta.completion_tokens = choice.num_tokens
+                            call.cancel()
                         yield delta
+                        if delta.finish_reason is not None:
+                            return
                     elif kind == "complete":
                         c = resp.complete
-                        tail = detok.flush() if hasattr(detok, "flush") else ""
-                        if stops is not None:
-                            text, hit = stops.feed(tail)
-                            tail = text if hit else text + stops.flush()
-                        yield ChoiceDelta(
-                            index,
-                            text=tail,
-                            finish_reason=FINISH_NAMES.get(c.finish_reason, "stop"),
-                            prompt_tokens=c.num_prompt_tokens,
-                            cached_tokens=c.num_cached_tokens,
-                            completion_tokens=c.num_output_tokens,
-                        )
+                        reason = FINISH_NAMES.get(c.finish_reason, "stop")
+                        yield choice.finish(reason, c.num_prompt_tokens, c.num_cached_tokens)
                         return
                     else:
-                        err = resp.error
-                        raise ApiError(_HTTP_FROM_GRPC.get(err.code, 500), err.message, None, "worker_error")
+                        raise _worker_error(resp.error)
                 raise ApiError(
                     502,
-                    f"worker {worker.worker_id} ended the stream without completing",
+                    f"worker {current.worker_id} ended the stream without completing",
                     None,
                     "worker_error",
                 )
             except grpc.aio.AioRpcError as exc:
-                if got_any or exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+                if got_any or exc.code() not in _RETRYABLE:
                     raise ApiError(
-                        502, f"worker {worker.worker_id} failed: {exc.details()}", None, "worker_error"
+                        502, f"worker {current.worker_id} failed: {exc.details()}", None, "worker_error"
                     ) from exc
-                worker.mark_unhealthy()
-                worker = self._pick(exclude=tried)
+                current.mark_unhealthy()
+                others = [w for w in self.pool.healthy("decode") if w.address not in tried]
+                if not others:
+                    raise ApiError(
+                        503,
+                        "No healthy decode worker is available; try again shortly.",
+                        None,
+                        "no_healthy_worker",
+                    ) from exc
+                worker = others[0]
             finally:
                 current.in_flight -= 1
                 call.cancel()
+
+    async def _release(self, worker: WorkerClient, request_id: str, token: bytes) -> None:
+        if not token:
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            await worker.stub.Release(pb.ReleaseRequest(request_id=request_id, token=token), timeout=5)
+
+
+_background: set[asyncio.Future] = set()
 
 
 def _logprobs(chunk: pb.TokenChunk) -> list[TokenLogprob]:
@@ -198,7 +303,3 @@ def _logprobs(chunk: pb.TokenChunk) -> list[TokenLogprob]:
         top = list(zip(tops[i].token_ids, tops[i].logprobs)) if i < len(tops) else []
         out.append(TokenLogprob(tid, lp, top))
     return out
-
-
-def now_s() -> int:
-    return int(time.time())

@@ -32,25 +32,23 @@ CHANNEL_OPTIONS = [
 ROLE_NAMES = {pb.ROLE_BOTH: "both", pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode"}
 
 
+class _Incompatible(Exception):
+    """A worker whose Info disagrees with the pool (e.g. block size)."""
+
+
 class WorkerClient:
     def __init__(self, address: str) -> None:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.info: pb.InfoResponse | None = None
+        self.worker_id = address  # NOTE: a plain attribute: read per candidate on every routing decision
+        self.role = "both"
         self.healthy = False
         self.load = pb.LoadReport()
         self.in_flight = 0
         self.instance_id = 0
         self._task: asyncio.Task | None = None
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id if self.info is not None else self.address
-
-    @property
-    def role(self) -> str:
-        return ROLE_NAMES.get(self.info.role, "both") if self.info is not None else "both"
 
     def mark_unhealthy(self) -> None:
         self.healthy = False
@@ -69,6 +67,8 @@ class WorkerPool:
     ):
         self.workers = [WorkerClient(a) for a in addresses]
         self.on_event = on_event
+        self.block_size = 16  # settled by the first worker's Info; every worker must agree
+        self._block_size_known = False
         self._changed = asyncio.Event()
 
     def start(self) -> None:
@@ -89,6 +89,18 @@ class WorkerPool:
                 await self._changed.wait()
         return True
 
+    def _accept(self, w: WorkerClient, info: pb.InfoResponse) -> bool:
+        if not self._block_size_known:
+            self.block_size, self._block_size_known = info.block_size, True
+        elif info.block_size != self.block_size:
+            log.error(
+                "worker %s uses KV block size %d but the pool uses %d; not routing to it",
+                w.address, info.block_size, self.block_size,
+            )  # fmt: skip
+            return False
+        w.info, w.worker_id, w.role = info, info.worker_id or w.address, ROLE_NAMES.get(info.role, "both")
+        return True
+
     def _set_health(self, w: WorkerClient, healthy: bool) -> None:
         if w.healthy != healthy:
             log.info("worker %s is %s", w.address, "healthy" if healthy else "unhealthy")
@@ -99,7 +111,9 @@ class WorkerPool:
         backoff = 0.05
         while True:
             try:
-                w.info = await w.stub.Info(pb.InfoRequest(), timeout=5)
+                info = await w.stub.Info(pb.InfoRequest(), timeout=5)
+                if not self._accept(w, info):
+                    raise _Incompatible
                 stream = w.stub.Subscribe(pb.SubscribeRequest(subscriber_id="router"))
                 expected = 1
                 async for event in stream:
@@ -122,6 +136,8 @@ class WorkerPool:
                         self.on_event(w, event)
             except asyncio.CancelledError:
                 raise
+            except _Incompatible:
+                pass
             except grpc.aio.AioRpcError as exc:
                 if w.healthy:
                     log.warning("worker %s stream broke: %s", w.address, exc.code().name)

@@ -90,7 +90,9 @@ async def test_cancellations_leave_no_blocks(tiny) -> None:
     try:
 
         async def cancel_after(i: int) -> None:
-            async for out in engine.generate(f"c{i}", _prompts(6)[i], SamplingParams(max_tokens=100, **GREEDY)):
+            async for out in engine.generate(
+                f"c{i}", _prompts(6)[i], SamplingParams(max_tokens=100, **GREEDY)
+            ):
                 if out.token_ids:
                     break
 
@@ -105,7 +107,9 @@ async def test_cancellations_leave_no_blocks(tiny) -> None:
 async def _disagg(prefill: Engine, decode: Engine, rid: str, prompt: list[int], n: int, fail: bool = False):
     """Prefill on one engine (blocks pinned), pull the KV into the other, decode there."""
     first, pinned = None, None
-    async for out in prefill.generate(rid, prompt, SamplingParams(max_tokens=1, **GREEDY), pin_on_finish=True):
+    async for out in prefill.generate(
+        rid, prompt, SamplingParams(max_tokens=1, **GREEDY), pin_on_finish=True
+    ):
         first, pinned = out.token_ids[0], out.pinned_block_ids
     src_pool, dst_pool = prefill.runner.kv_pool, decode.runner.kv_pool
     pulled: list[int] = []
@@ -118,7 +122,9 @@ async def _disagg(prefill: Engine, decode: Engine, rid: str, prompt: list[int], 
 
     imp = KvImport(pinned, len(prompt), pull)
     tokens, last = [first], None
-    async for out in decode.generate(rid, [*prompt, first], SamplingParams(max_tokens=n - 1, **GREEDY), kv_import=imp):
+    async for out in decode.generate(
+        rid, [*prompt, first], SamplingParams(max_tokens=n - 1, **GREEDY), kv_import=imp
+    ):
         tokens += out.token_ids
         last = out
     prefill.unpin(rid)

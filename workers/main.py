@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mock: 'a,b,c,d,e,f' of prefill ms = a+b*n+c*n^2 and decode step ms = d+e*batch+f*context",
     )
     p.add_argument("--mock-num-blocks", type=int, default=4096)
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=1,
+        help="mock: run N workers in this process on ports PORT..PORT+N-1",
+    )
     return p
 
 
@@ -107,44 +113,68 @@ async def warm_up(engine: Engine) -> None:
         pass
 
 
+class WorkerInstance:
+    """One worker: gRPC server (Worker + health + reflection) and, once loaded, its engine."""
+
+    def __init__(self, args: argparse.Namespace, port: int, worker_id: str) -> None:
+        self.args = args
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+        reflection.enable_server_reflection(
+            (self.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{args.host}:{port}")
+        if self.port == 0:
+            raise SystemExit(f"cannot bind {args.host}:{port}")
+        self.worker_id = worker_id or f"{args.host}:{self.port}"
+        self.service = WorkerService(worker_id=self.worker_id, role=args.role, engine_kind=args.engine)
+        worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self.server)
+        self.engine: Engine | None = None
+
+    async def start(self) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(self.service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+
+    async def load(self) -> None:
+        """Readiness is NOT_SERVING until the engine is loaded and warmed up."""
+        self.engine = await asyncio.to_thread(build_engine, self.args)
+        self.engine.start()
+        await warm_up(self.engine)
+        self.service.attach(self.engine)
+        await self.health.set(self.service_name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.engine is not None:
+            self.engine.stop()
+
+
 async def serve(args: argparse.Namespace) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(names[0], health_pb2.HealthCheckResponse.NOT_SERVING)
-    worker_id = args.worker_id or f"{args.host}:{args.port}"
-    service = WorkerService(worker_id=worker_id, role=args.role, engine_kind=args.engine)
-    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{args.host}:{args.port}")
-    if bound == 0:
-        raise SystemExit(f"cannot bind {args.host}:{args.port}")
-    await server.start()
-    log.info("worker listening on %s:%d, loading %s engine", args.host, bound, args.engine)
-    engine = await asyncio.to_thread(build_engine, args)
-    engine.start()
-    await warm_up(engine)
-    service.attach(engine)
-    await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)
-    print(
-        f"pdrouter worker {worker_id} ready ({args.engine}, role={args.role}, model={engine.spec.name})",
-        flush=True,
-    )
+    n = max(1, args.num_workers)
+    if n > 1 and args.engine != "mock":
+        raise SystemExit("--num-workers > 1 is for the mock engine (many simulated workers in one process)")
+    instances = []
+    for i in range(n):
+        port = args.port + i if args.port else 0
+        instances.append(WorkerInstance(args, port, args.worker_id if n == 1 else ""))
+    for inst in instances:
+        await inst.start()
+        print(f"pdrouter worker listening {inst.worker_id}", flush=True)
+    await asyncio.gather(*(inst.load() for inst in instances))
+    for inst in instances:
+        model = inst.engine.spec.name if inst.engine else "?"
+        print(f"pdrouter worker {inst.worker_id} ready ({args.engine}, {args.role}, {model})", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(5)
-    engine.stop()
+    await asyncio.gather(*(inst.stop() for inst in instances))
 
 
 def main(argv: list[str] | None = None) -> None:

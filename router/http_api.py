@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from router.tokenizer import Tokenizer
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
+log = logging.getLogger("pdrouter.router.http")
 SYSTEM_FINGERPRINT = "pdrouter-0.1.0"
 _json = msgspec.json.Encoder()
 _chat_decoder = msgspec.json.Decoder(oa.ChatCompletionRequest)
@@ -128,6 +130,7 @@ class HttpApp:
             ("GET", "/health"): self.health,
             ("GET", "/ready"): self.ready,
             ("GET", "/v1/models"): self.models,
+            ("GET", "/metrics"): self.metrics,
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/completions"): self.completions,
         }
@@ -143,6 +146,7 @@ class HttpApp:
         resp = _Response(send, request_id)
         path = scope["path"].rstrip("/") or "/"
         handler = self.routes.get((scope["method"], path))
+        status = 200
         try:
             if handler is None:
                 if path in self.paths:
@@ -152,16 +156,19 @@ class HttpApp:
                 raise ApiError(404, f"Unknown route {scope['method']} {path}", None, "unknown_route")
             await handler(scope, receive, resp)
         except ApiError as exc:
+            status = exc.status
             await self._fail(resp, exc)
         except asyncio.CancelledError:
-            return  # client went away; the worker calls were cancelled with us
+            status = 499  # client went away; the worker calls were cancelled with us
         except Exception as exc:  # NOTE: never a traceback to the client, never a dead router
-            import logging
-
-            logging.getLogger("pdrouter.router.http").exception("unhandled error")
+            log.exception("unhandled error")
+            status = 500
             await self._fail(
                 resp, ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", None, "internal_error")
             )
+        finally:
+            if path.startswith("/v1/"):
+                self.state.orchestrator.metrics.requests.labels(path, str(status), resp.mode).inc()
 
     async def _fail(self, resp: _Response, exc: ApiError) -> None:
         if not resp.started:
@@ -181,6 +188,15 @@ class HttpApp:
             await resp.json(200, b'{"status":"ready"}')
         else:
             raise ApiError(503, "No healthy worker yet", None, "not_ready")
+
+    async def metrics(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        m = self.state.orchestrator.metrics
+        m.observe_workers(self.state.orchestrator.pool.workers)
+        body, content_type = m.render()
+        resp.started = True
+        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        await resp.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await resp.send({"type": "http.response.body", "body": body})
 
     async def models(self, scope: dict, receive: Receive, resp: _Response) -> None:
         lim = self.state.limits
@@ -240,6 +256,7 @@ class HttpApp:
         orch = self.state.orchestrator
         route = orch.route(gen, _header(scope, b"x-session-id") or gen.session_id)
         extra = [(b"x-pdrouter-route", orch.route_header(route).encode())]
+        resp.mode = route[0].mode
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))

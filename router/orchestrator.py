@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ import grpc
 from pdrouter_proto import worker_pb2 as pb
 from router.detokenizer import IncrementalDetokenizer
 from router.errors import ApiError
+from router.metrics import RouterMetrics
 from router.requests import GenerationRequest
 from router.route_planner import Route, RoutePlanner
 from router.stop_strings import StopStringMatcher
@@ -98,10 +100,13 @@ class _Choice:
 
 
 class Orchestrator:
-    def __init__(self, planner: RoutePlanner, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, planner: RoutePlanner, tokenizer: Tokenizer, metrics: RouterMetrics | None = None
+    ) -> None:
         self.planner = planner
         self.pool = planner.pool
         self.tokenizer = tokenizer
+        self.metrics = metrics or RouterMetrics()
 
     def route(self, gen: GenerationRequest, session_id: str = "") -> list[Route]:
         """Plan every choice before any byte is sent, so routing errors are still clean 5xx."""
@@ -116,6 +121,36 @@ class Orchestrator:
         return ",".join(dict.fromkeys(r.header() for r in routes))
 
     async def run(self, gen: GenerationRequest, routes: list[Route]) -> AsyncIterator[ChoiceDelta]:
+        """All choices' deltas, with TTFT / ITL / end-to-end and token counts recorded."""
+        m = self.metrics
+        mode = routes[0].mode
+        for r in routes:
+            m.decisions.labels(r.mode).inc()
+            m.decision_time.observe(r.decision_us / 1e6)
+        m.in_flight.inc()
+        t0 = gen.arrival
+        last = 0.0
+        try:
+            async for d in self._run_all(gen, routes):
+                if d.token_ids:
+                    now = time.perf_counter()
+                    if not last:
+                        m.ttft.labels(mode).observe(now - t0)
+                    else:
+                        gap = (now - last) / len(d.token_ids)
+                        for _ in d.token_ids:
+                            m.itl.observe(gap)
+                    last = now
+                if d.finish_reason is not None:
+                    m.output_tokens.inc(d.completion_tokens)
+                    m.cached_tokens.inc(d.cached_tokens)
+                yield d
+        finally:
+            m.in_flight.dec()
+            m.input_tokens.inc(sum(len(p) for p in gen.prompts))
+            m.e2e.labels(mode).observe(time.perf_counter() - t0)
+
+    async def _run_all(self, gen: GenerationRequest, routes: list[Route]) -> AsyncIterator[ChoiceDelta]:
         if gen.num_choices == 1:
             async for delta in self._run_choice(gen, 0, routes[0]):
                 yield delta

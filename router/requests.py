@@ -5,6 +5,7 @@ Both front ends go through `finish_request`, so limits and messages are identica
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class GenerationRequest:
     include_usage: bool = False
     session_id: str = ""
     chat: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
 
     @property
     def num_choices(self) -> int:

@@ -40,7 +40,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             gen = await self._build(request)
             route = self.state.orchestrator.route(gen)
             await context.send_initial_metadata(
-                (("x-request-id", gen.request_id), ("x-pdrouter-route", route.header()))
+                (
+                    ("x-request-id", gen.request_id),
+                    ("x-pdrouter-route", self.state.orchestrator.route_header(route)),
+                )
             )
             usage_prompt = sum(len(p) for p in gen.prompts)
             async for d in self.state.orchestrator.run(gen, route):

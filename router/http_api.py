@@ -29,7 +29,7 @@ from router.requests import (
     completion_request,
 )
 from router.route_planner import Route
-from router.tokenizer import Tokenizer
+from router.tokenizer import ChatTemplateError, Tokenizer
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -71,9 +71,12 @@ class RouterState:
         return bool(self.orchestrator.pool.healthy("decode"))
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if sum(len(m["content"]) for m in messages) > _LONG_PROMPT_CHARS:
-            return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
-        return self.tokenizer.apply_chat_template(messages)
+        try:
+            if sum(len(m["content"]) for m in messages) > _LONG_PROMPT_CHARS:
+                return await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
+            return self.tokenizer.apply_chat_template(messages)
+        except ChatTemplateError as e:
+            raise invalid(str(e), "messages") from None
 
     async def encode_text(self, text: str) -> list[int]:
         if len(text) > _LONG_PROMPT_CHARS:
@@ -87,12 +90,13 @@ class RouterState:
 class _Response:
     """Tracks whether headers went out, so an error after that becomes an SSE error event."""
 
-    __slots__ = ("request_id", "send", "started")
+    __slots__ = ("mode", "request_id", "send", "started")
 
     def __init__(self, send: Send, request_id: str) -> None:
         self.send = send
         self.request_id = request_id
         self.started = False
+        self.mode = "none"  # the route mode, for the requests counter
 
     def _headers(self, content_type: bytes, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         return [(b"content-type", content_type), (b"x-request-id", self.request_id.encode()), *extra]

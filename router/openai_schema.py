@@ -8,14 +8,9 @@ from typing import Any
 import msgspec
 
 
-class TextPart(msgspec.Struct, kw_only=True):
-    type: str = "text"
-    text: str = ""
-
-
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: str
-    content: str | list[TextPart | dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]] | None = None  # parts are checked in router.requests
     name: str | None = None
 
 
@@ -48,7 +43,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
 
 
 class CompletionRequest(_Common, kw_only=True):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str | int | list[int]]  # one shape per request; checked in router.requests
     logprobs: int | None = None
     echo: bool | None = False
 
@@ -84,7 +79,7 @@ class ChatLogprobs(msgspec.Struct):
     content: list[ChatTokenLogprob]
 
 
-class ResponseMessage(msgspec.Struct, omit_defaults=True):
+class ResponseMessage(msgspec.Struct):
     role: str = "assistant"
     content: str | None = None
 

@@ -126,13 +126,13 @@ def _message_text(i: int, msg) -> str:
         return content
     parts = []
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else part.type
-        if kind != "text":
+        kind = part.get("type")
+        if kind != "text" or not isinstance(part.get("text", ""), str):
             raise invalid(
                 f"messages[{i}].content[{j}] has type '{kind}'; only 'text' parts are supported",
                 f"messages[{i}].content[{j}].type",
             )
-        parts.append(part.get("text", "") if isinstance(part, dict) else part.text)
+        parts.append(part.get("text", ""))
     return "".join(parts)
 
 

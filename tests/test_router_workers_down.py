@@ -66,7 +66,7 @@ def test_all_workers_down_then_back(tmp_path, default_model_dir) -> None:
         worker.stop()
         _wait_status(base + "/ready", 503)
         status, payload = _status(base + "/v1/chat/completions", body)
-        assert status == 503 and "No healthy worker" in payload["error"]["message"]
+        assert status == 503 and "No healthy decode worker" in payload["error"]["message"]
         assert _status(base + "/health")[0] == 200 and router.alive()
         worker = _worker(tmp_path, wport, str(default_model_dir))
         _wait_status(base + "/ready", 200)

@@ -1,0 +1,137 @@
+"""Same-host KV pull: map the prefill worker's shared-memory pool and memcpy each run of blocks.
+
+Pull lifecycle: check layout -> map the source pool (cached per shm name, re-mapped when the
+name now names a new segment) -> claim the handle once through the injected `claim` (the
+prefill worker's control channel, e.g. its gRPC service calling `HandleRegistry.claim`) -> one
+copy per contiguous run; big pulls copy in a worker thread (numpy drops the GIL while copying)
+so the event loop keeps serving tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+
+from kvtransfer.errors import TransferError
+from kvtransfer.pool import KvPool, _posixshmem
+from kvtransfer.transport import HandleRef, Transport, check_ids, runs
+
+ClaimFn = Callable[[HandleRef], Awaitable[None]]
+
+_CHUNK_BYTES = 64 << 20  # an abort waits for at most one chunk copy
+
+
+class ShmTransport(Transport):
+    """Pulls from a same-host pool in shared memory (`HandleRef.shm_name`)."""
+
+    backend = "shm"
+
+    def __init__(
+        self,
+        dst_pool: KvPool,
+        claim: ClaimFn,
+        compat_hash: str | None = None,
+        thread_min_bytes: int = 4 << 20,
+    ) -> None:
+        super().__init__(dst_pool, compat_hash)
+        self._claim = claim
+        self.thread_min_bytes = thread_min_bytes
+        self._sources: dict[str, tuple[KvPool, int]] = {}  # shm name -> (mapping, inode)
+        self._claimed: OrderedDict[str, None] = OrderedDict()  # recently claimed handle ids
+
+    async def _pull(
+        self, handle: HandleRef, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> None:
+        check_ids(src_block_ids, handle.num_blocks, "source")
+        src_pool = self._source(handle)
+        if handle.handle_id not in self._claimed:
+            await self._claim_once(handle)
+        plan = runs(src_block_ids, dst_block_ids)
+        if len(src_block_ids) * self.dst_pool.block_bytes < self.thread_min_bytes:
+            _copy_runs(src_pool, self.dst_pool, plan, None)
+        else:
+            await _run_to_end(lambda abort: _copy_runs(src_pool, self.dst_pool, plan, abort))
+
+    async def _claim_once(self, handle: HandleRef) -> None:
+        try:
+            await self._claim(handle)
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"claiming handle {handle.handle_id!r} failed: {exc}") from exc
+        self._claimed[handle.handle_id] = None
+        if len(self._claimed) > 4096:
+            self._claimed.popitem(last=False)
+
+    def _source(self, handle: HandleRef) -> KvPool:
+        name = handle.shm_name
+        if not name:
+            raise TransferError(f"handle {handle.handle_id!r} names no shared-memory pool")
+        inode = _inode(name)
+        cached = self._sources.get(name)
+        if cached is not None and cached[1] == inode and cached[0].num_blocks >= handle.num_blocks:
+            return cached[0]
+        if cached is not None:  # NOTE: the name was unlinked or re-created: drop the old mapping
+            cached[0].close()
+            del self._sources[name]
+        if inode is None:
+            raise TransferError(f"shared-memory pool {name!r} is gone (prefill worker stopped?)")
+        try:
+            pool = KvPool.attach(name, handle.layout, handle.num_blocks)
+        except (OSError, ValueError) as exc:
+            raise TransferError(f"cannot map shared-memory pool {name!r}: {exc}") from exc
+        self._sources[name] = (pool, inode)
+        return pool
+
+    async def close(self) -> None:
+        for pool, _ in self._sources.values():
+            pool.close()
+        self._sources.clear()
+
+
+def _inode(name: str) -> int | None:
+    """The segment's inode now (None: no such name); a restarted owner means a new inode."""
+    try:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def _copy_runs(
+    src: KvPool, dst: KvPool, plan: list[tuple[int, int, int]], abort: threading.Event | None
+) -> None:
+    """One numpy slice copy (a memcpy, GIL released) per run; big runs in chunks for abort."""
+    src_arr, dst_arr = src.array, dst.array
+    step = max(1, _CHUNK_BYTES // dst.block_bytes) if abort is not None else 1 << 62
+    for s, d, n in plan:
+        for i in range(0, n, step):
+            if abort is not None and abort.is_set():
+                return
+            k = min(step, n - i)
+            dst_arr[d + i : d + i + k] = src_arr[s + i : s + i + k]
+
+
+async def _run_to_end(fn: Callable[[threading.Event], None]) -> None:
+    """Run `fn` in a thread; on cancellation ask it to stop and wait until it has, so nothing
+    writes into the destination blocks after the pull has ended."""
+    abort = threading.Event()
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, abort)
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        abort.set()
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                continue
+            except Exception:
+                break
+        raise

@@ -1,0 +1,352 @@
+"""Any-host KV pull over TCP: the prefill worker's transfer server streams raw block bytes
+straight from its pool; the decode side `recv_into`s them straight into its own pool blocks.
+
+Wire protocol (little-endian; one request in flight per connection, connections reused):
+  request   header `<4sBBHI16s` magic b"PDKV", version 1, op 1 (read), handle id length,
+            block count, 16 raw token bytes; then the handle id (utf-8); then count x uint32
+            source block ids
+  response  `<BQ` status, value. status 0 (ok): value = the server's block_bytes, then
+            count x block_bytes raw bytes in request order, then one trailer byte (0: the handle
+            was still pinned when the last byte went out; 1: it ended meanwhile, data may be
+            stale). status 1 (refused) / 2 (bad request): value = length of a utf-8 reason that
+            follows; after 2 the server closes the connection.
+The first request on a connection claims the handle (spends the one-time token); later requests
+on that connection for the same handle and token read without claiming again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvtransfer.errors import LayoutMismatch, TransferError, TransferRefused
+from kvtransfer.handles import Handle, HandleRegistry
+from kvtransfer.pool import KvPool
+from kvtransfer.transport import HandleRef, Transport, check_ids, runs
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"PDKV"
+VERSION = 1
+OP_READ = 1
+OK, REFUSED, BAD_REQUEST = 0, 1, 2
+REQUEST = struct.Struct("<4sBBHI16s")
+RESPONSE = struct.Struct("<BQ")
+MAX_IDS = 1 << 20
+MAX_ID_LEN = 1024
+
+
+def encode_request(handle_id: str, token: str, src_block_ids: Sequence[int]) -> bytes:
+    hid = handle_id.encode()
+    try:
+        raw_token = bytes.fromhex(token)
+    except ValueError:
+        raw_token = b""
+    if len(raw_token) != 16:
+        raise TransferRefused(f"malformed token for handle {handle_id!r}")
+    ids = np.asarray(src_block_ids, dtype="<u4").tobytes()
+    return REQUEST.pack(MAGIC, VERSION, OP_READ, len(hid), len(src_block_ids), raw_token) + hid + ids
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket (straight into the caller's memory); EOFError if it closes."""
+    pos, size = 0, len(view)
+    while pos < size:
+        got = await loop.sock_recv_into(sock, view[pos:] if pos else view)
+        if not got:
+            raise EOFError(f"connection closed after {pos} of {size} bytes")
+        pos += got
+
+
+async def _recv_bytes(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    await _recv_into(loop, sock, memoryview(buf))
+    return buf
+
+
+class TcpTransferServer:
+    """Serves pinned blocks of `pool` to holders of a handle token, on `host` only."""
+
+    def __init__(self, pool: KvPool, registry: HandleRegistry, host: str, port: int = 0) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.num_connections = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _, addr = (
+            await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        )[0]
+        lsock = socket.socket(family, kind, proto)
+        try:
+            lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind(addr)
+            lsock.listen(128)
+            lsock.setblocking(False)
+        except BaseException:
+            lsock.close()
+            raise
+        self._listener = lsock
+        self.port = lsock.getsockname()[1]
+        self._spawn(self._accept(lsock))
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection (pulls in flight fail on the other side)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> TcpTransferServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(lsock)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.num_connections += 1
+            self._spawn(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        bound: list = [None, frozenset()]  # the handle this connection claimed, its block ids
+        try:
+            while await self._one_request(loop, sock, bound):
+                pass
+        except (OSError, EOFError):
+            pass  # NOTE: the puller went away; its side reports the failure
+        except Exception:
+            log.exception("KV transfer connection failed")
+        finally:
+            sock.close()
+
+    async def _one_request(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, bound: list) -> bool:
+        head = bytearray(REQUEST.size)
+        got = await loop.sock_recv_into(sock, head)
+        if not got:
+            return False  # clean close between requests
+        if got < len(head):
+            await _recv_into(loop, sock, memoryview(head)[got:])
+        magic, version, op, id_len, count, raw_token = REQUEST.unpack(head)
+        if magic != MAGIC or version != VERSION or op != OP_READ or id_len > MAX_ID_LEN or count > MAX_IDS:
+            await self._refuse(loop, sock, BAD_REQUEST, "bad request header (not a pdrouter KV pull?)")
+            _drain_and_shut(sock)
+            return False
+        tail = await _recv_bytes(loop, sock, id_len + 4 * count)
+        handle_id = tail[:id_len].decode(errors="replace")
+        ids = np.frombuffer(tail, dtype="<u4", offset=id_len).tolist()
+        try:
+            handle = self._authorize(bound, handle_id, raw_token.hex(), ids)
+        except TransferRefused as exc:
+            await self._refuse(loop, sock, REFUSED, exc.reason)
+            return True
+        bb = self.pool.block_bytes
+        buf = self.pool.buffer
+        await loop.sock_sendall(sock, RESPONSE.pack(OK, bb))
+        for s, _, n in runs(ids, ids):
+            await loop.sock_sendall(sock, buf[s * bb : (s + n) * bb])
+        await loop.sock_sendall(sock, b"\0" if self.registry.is_live(handle) else b"\1")
+        return True
+
+    def _authorize(self, bound: list, handle_id: str, token: str, ids: list[int]) -> Handle:
+        handle: Handle | None = bound[0]
+        if not (
+            handle is not None
+            and handle.handle_id == handle_id
+            and hmac.compare_digest(handle.token, token)
+            and self.registry.is_live(handle)
+        ):
+            handle = self.registry.claim(handle_id, token)
+            bound[0], bound[1] = handle, frozenset(handle.block_ids)
+        if not bound[1].issuperset(ids):
+            raise TransferRefused(f"block ids outside handle {handle_id!r}")
+        if ids and max(ids) >= self.pool.num_blocks:
+            raise TransferRefused(f"block ids outside the pool of {self.pool.num_blocks} blocks")
+        return handle
+
+    async def _refuse(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, status: int, reason: str
+    ) -> None:
+        text = reason.encode()
+        await loop.sock_sendall(sock, RESPONSE.pack(status, len(text)) + text)
+
+
+def _drain_and_shut(sock: socket.socket) -> None:
+    """Half-close after an error reply; unread input would turn our close into a reset that
+    can destroy the reply before the peer reads it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+
+
+class _Conn:
+    __slots__ = ("endpoint", "handle_id", "sock")
+
+    def __init__(self, endpoint: str, sock: socket.socket) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self.handle_id = ""  # the handle this connection claimed last (later pulls of it reuse it)
+
+    def is_stale(self) -> bool:
+        """The peer closed or reset an idle connection (one non-blocking peek)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+class TcpTransport(Transport):
+    """Pulls from a `TcpTransferServer` at `HandleRef.endpoint`; connections pooled per endpoint.
+
+    A pull fails with TransferError after `timeout_s` plus the time its bytes take at
+    `min_bytes_per_s`, so a stalled server never hangs the decode side.
+    """
+
+    backend = "tcp"
+
+    def __init__(
+        self,
+        dst_pool: KvPool,
+        compat_hash: str | None = None,
+        timeout_s: float = 10.0,
+        min_bytes_per_s: float = 100e6,
+        max_idle_per_endpoint: int = 4,
+    ) -> None:
+        super().__init__(dst_pool, compat_hash)
+        self.timeout_s = timeout_s
+        self.min_bytes_per_s = min_bytes_per_s
+        self.max_idle_per_endpoint = max_idle_per_endpoint
+        self._idle: dict[str, list[_Conn]] = {}
+        self._busy: set[_Conn] = set()
+
+    async def _pull(
+        self, handle: HandleRef, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> None:
+        check_ids(src_block_ids, handle.num_blocks or 1 << 32, "source")
+        request = encode_request(handle.handle_id, handle.token, src_block_ids)
+        nbytes = len(dst_block_ids) * self.dst_pool.block_bytes
+        conn: _Conn | None = None
+        reusable = False
+        try:
+            async with asyncio.timeout(self.timeout_s + nbytes / self.min_bytes_per_s):
+                conn = await self._checkout(handle)
+                try:
+                    await self._request(conn, handle, request, dst_block_ids)
+                except TransferRefused:
+                    reusable = True  # NOTE: a refusal leaves the connection in step
+                    raise
+                reusable = True
+        except TimeoutError as exc:
+            raise TransferError(f"pull from {handle.endpoint} timed out") from exc
+        except (OSError, EOFError) as exc:
+            raise TransferError(f"pull from {handle.endpoint} failed: {exc}") from exc
+        finally:
+            if conn is not None:
+                self._checkin(conn, reusable)
+
+    async def _request(
+        self, conn: _Conn, handle: HandleRef, request: bytes, dst_block_ids: Sequence[int]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        sock = conn.sock
+        await loop.sock_sendall(sock, request)
+        status, value = RESPONSE.unpack(await _recv_bytes(loop, sock, RESPONSE.size))
+        if status != OK:
+            reason = (await _recv_bytes(loop, sock, value)).decode(errors="replace")
+            if status == REFUSED:
+                raise TransferRefused(reason)
+            raise EOFError(f"server rejected the request: {reason}")
+        bb = self.dst_pool.block_bytes
+        if value != bb:
+            raise LayoutMismatch(
+                f"{self.dst_pool.layout.describe()} block_bytes={bb}",
+                f"block_bytes={value} at {handle.endpoint}",
+            )
+        conn.handle_id = handle.handle_id
+        buf = self.dst_pool.buffer
+        for _, d, n in runs(dst_block_ids, dst_block_ids):
+            await _recv_into(loop, sock, buf[d * bb : (d + n) * bb])
+        trailer = await _recv_bytes(loop, sock, 1)
+        if trailer[0] != 0:
+            raise TransferError(f"handle {handle.handle_id!r} ended during the pull; the data may be stale")
+
+    async def _checkout(self, handle: HandleRef) -> _Conn:
+        idle = self._idle.get(handle.endpoint)
+        while idle:
+            conn = next((c for c in idle if c.handle_id == handle.handle_id), idle[-1])
+            idle.remove(conn)
+            if not conn.is_stale():
+                self._busy.add(conn)
+                return conn
+            conn.sock.close()
+        conn = _Conn(handle.endpoint, await self._connect(handle.endpoint))
+        self._busy.add(conn)
+        return conn
+
+    def _checkin(self, conn: _Conn, reusable: bool) -> None:
+        self._busy.discard(conn)
+        idle = self._idle.setdefault(conn.endpoint, [])
+        if reusable and len(idle) < self.max_idle_per_endpoint and conn.sock.fileno() >= 0:
+            idle.append(conn)
+        else:
+            conn.sock.close()
+
+    async def _connect(self, endpoint: str) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        host, port = split_endpoint(endpoint)
+        family, kind, proto, _, addr = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.sock.close()
+        self._idle.clear()
+        for conn in list(self._busy):  # NOTE: wakes the pull's recv with EOF; the pull closes it
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)

@@ -67,7 +67,9 @@ def hf_single(model, prompts: list[list[int]], max_new: int) -> float:
     return total / elapsed
 
 
-def hf_static_batch(model, prompts: list[list[int]], max_new: int, pad_id: int) -> float:
+def hf_static_batch(model, prompts: list[list[int]], lengths: list[int], pad_id: int) -> float:
+    """One padded batch runs until its longest request is done; only wanted tokens count."""
+    max_new = max(lengths)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -81,13 +83,13 @@ def hf_static_batch(model, prompts: list[list[int]], max_new: int, pad_id: int) 
             do_sample=False,
             pad_token_id=pad_id,
         )
-    return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t0)
+    assert out.shape[1] - width == max_new
+    return sum(lengths) / (time.perf_counter() - t0)
 
 
-async def ours(engine, prompts: list[list[int]], max_new: int) -> dict:
+async def ours(engine, prompts: list[list[int]], lengths: list[int]) -> dict:
     from workers.engine.sequence import SamplingParams
 
-    params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
     ttfts: list[float] = []
     itls: list[float] = []
     total = 0
@@ -96,6 +98,7 @@ async def ours(engine, prompts: list[list[int]], max_new: int) -> dict:
         nonlocal total
         t0 = time.perf_counter()
         last = None
+        params = SamplingParams(max_tokens=lengths[i], temperature=0.0, ignore_eos=True)
         async for out in engine.generate(f"b{i}-{time.monotonic_ns()}", prompt, params):
             now = time.perf_counter()
             if last is None:
@@ -117,21 +120,26 @@ async def ours(engine, prompts: list[list[int]], max_new: int) -> dict:
     }
 
 
-async def run_ours(model_dir, prompts: list[list[int]], levels: list[int], max_new: int) -> dict[int, dict]:
+async def run_ours(
+    model_dir, prompts: list[list[int]], levels: list[int], max_new: int, mixed: list[int], threads: int
+) -> tuple[dict[int, dict], dict]:
     from workers.engine.engine import Engine
     from workers.engine.model_runner import ModelRunner
     from workers.engine.scheduler import SchedulerConfig
 
-    engine = Engine(ModelRunner(model_dir), SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048))
+    engine = Engine(
+        ModelRunner(model_dir, threads=threads), SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048)
+    )
     engine.start()
     try:
-        await ours(engine, prompts[:2], 4)  # warm-up
+        await ours(engine, prompts[:2], [4, 4])  # warm-up
         engine.block_manager.clear_cache()  # NOTE: no prefix-cache help from the warm-up
         results = {}
         for c in levels:
-            results[c] = await ours(engine, prompts[:c], max_new)
+            results[c] = await ours(engine, prompts[:c], [max_new] * c)
             engine.block_manager.clear_cache()
-        return results
+        mixed_res = await ours(engine, prompts, mixed)
+        return results, mixed_res
     finally:
         engine.stop()
 
@@ -166,6 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from workers.model_files import resolve_model
 
     model_dir = resolve_model(args.model)
@@ -174,13 +183,18 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = make_prompts(tok, 32)
 
-    ours_res = asyncio.run(run_ours(model_dir, prompts, levels, max_new))
+    # NOTE: the realistic case for continuous batching: requests want different lengths
+    # (25%..100% of max_new); the static batch runs until its longest one is done.
+    mixed = [max_new * (1 + i % 4) // 4 for i in range(32)]
+    ours_res, ours_mixed = asyncio.run(run_ours(model_dir, prompts, levels, max_new, mixed, args.threads))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf1 = hf_single(model, prompts[:1] if args.quick else prompts[:3], max_new)
-    hf32 = hf_static_batch(model, prompts, max_new, tok.pad_token_id or 0)
+    hf32 = hf_static_batch(model, prompts, [max_new] * 32, tok.pad_token_id or 0)
+    hf32_mixed = hf_static_batch(model, prompts, mixed, tok.pad_token_id or 0)
 
     rows = [["transformers single stream", 1, hf1, "", "", "", ""]]
     rows.append(["transformers static batch", 32, hf32, "", "", "", ""])
+    rows.append(["transformers static, mixed lengths", 32, hf32_mixed, "", "", "", ""])
     for c in levels:
         r = ours_res[c]
         rows.append(
@@ -194,6 +208,10 @@ def main() -> None:
                 r["itl_p99_ms"],
             ]
         )
+    rows.append(
+        ["pdrouter engine, mixed lengths", 32, ours_mixed["tok_s"], ours_mixed["ttft_p50_ms"],
+         ours_mixed["ttft_p99_ms"], ours_mixed["itl_p50_ms"], ours_mixed["itl_p99_ms"]]
+    )  # fmt: skip
     print(
         table(
             ["system", "concurrency", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows
@@ -206,6 +224,7 @@ def main() -> None:
         "hf_static_batch32_tok_s": round(hf32, 2),
         "ratio_vs_hf_static_batch32": round(ours_res[32]["tok_s"] / hf32, 3),
         "ratio_vs_hf_single_stream": round(ours_res[1]["tok_s"] / hf1, 3),
+        "ratio_vs_hf_static_batch32_mixed_lengths": round(ours_mixed["tok_s"] / hf32_mixed, 3),
         "ttft_p50_ms_c32": round(ours_res[32]["ttft_p50_ms"], 1),
         "itl_p50_ms_c32": round(ours_res[32]["itl_p50_ms"], 1),
     }
@@ -217,6 +236,9 @@ def main() -> None:
             "ours": ours_res,
             "hf_single": hf1,
             "hf_static32": hf32,
+            "mixed_lengths": mixed,
+            "ours_mixed": ours_mixed,
+            "hf_static32_mixed": hf32_mixed,
             "headline": figures,
         },
     )

@@ -88,12 +88,8 @@ def build_engine(args: argparse.Namespace) -> Engine:
             parse_timing(args.mock_timing, args.mock_token_delay_ms),
         )
         return Engine(runner, sched)
-    import torch
-
     from workers.engine.model_runner import ModelRunner
 
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     runner = ModelRunner(
         model_dir,
         num_blocks=args.num_blocks or None,
@@ -101,6 +97,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         device=args.device,
         dtype=args.dtype,
         kv_cache_bytes=args.kv_cache_mb << 20,
+        threads=args.threads or max(1, os.cpu_count() or 1),
     )
     return Engine(runner, sched)
 

@@ -249,6 +249,12 @@ class Engine:
     def _run(self) -> None:
         loop = self._loop
         assert loop is not None
+        load = getattr(self.runner, "load", None)
+        if load is not None:
+            try:
+                load()  # NOTE: on this thread: see workers/engine/model_runner.py's module note
+            except Exception:  # the first step retries and fails its requests with the reason
+                log.exception("loading the model failed")
         while True:
             outputs = self._drain_inbox()
             if self._stopping:

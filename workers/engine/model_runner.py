@@ -4,10 +4,16 @@ Owns the model weights, the KV pool and the sampler. The pool is ONE contiguous 
 [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], block-major so that
 `kv_pool[block_id]` is one slab holding that block for every layer (what KV transfer copies);
 the model attends through strided per-layer K and V views of it.
+
+Weights and pool are created by the thread that runs the first step (the engine loop), not by
+the constructor: on CPU, libgomp throttles its spin-wait as soon as two threads own OpenMP
+teams on a machine with few cores, and every step then runs ~1.5x slower (30 -> 45 ms per
+SmolLM2 decode step on 2 cores, measured). So the engine thread is the only one doing torch work.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -32,38 +38,70 @@ class ModelRunner:
         device: str = "cpu",
         dtype: str | None = None,
         kv_cache_bytes: int | None = None,
+        threads: int | None = None,
     ) -> None:
-        model_dir = Path(model_dir)
+        self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype: torch.dtype = getattr(torch, dtype)
-        self.model = LlamaModel.load(model_dir, self.device, self.dtype)
+        self.threads = threads
         # NOTE: shared with the mock runner so both engines describe a directory identically.
-        self.spec: ModelSpec = spec_from_model_dir(model_dir, block_size, dtype)
-        layout = self.spec.layout
+        self.spec: ModelSpec = spec_from_model_dir(self.model_dir, block_size, dtype)
         if num_blocks is None:
-            num_blocks = max(1, (kv_cache_bytes or self._default_kv_bytes()) // layout.block_bytes)
+            num_blocks = max(1, (kv_cache_bytes or self._default_kv_bytes()) // self.spec.layout.block_bytes)
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # NOTE: zeros, not empty: padded decode gathers read unwritten slots, and 0 * NaN would leak.
-        self.kv_pool = torch.zeros(
-            (num_blocks, layout.num_layers, 2, block_size, layout.num_kv_heads, layout.head_dim),
-            dtype=self.dtype,
-            device=self.device,
-        )
-        self.kv_caches = [(self.kv_pool[:, i, 0], self.kv_pool[:, i, 1]) for i in range(layout.num_layers)]
         self.sampler = Sampler()
+        self._model: LlamaModel | None = None
+        self._kv_pool: torch.Tensor | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._load_lock = threading.Lock()
 
     def _default_kv_bytes(self) -> int:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * CUDA_KV_CACHE_FRACTION)
+            weights = sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors"))
+            return int(max(0, free - weights) * CUDA_KV_CACHE_FRACTION)
         return CPU_KV_CACHE_BYTES
+
+    def load(self) -> None:
+        """Weights and KV pool, on the calling thread (see the module note); idempotent."""
+        with self._load_lock:
+            if self._model is None:
+                self._load()
+
+    def _load(self) -> None:
+        if self.threads and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        layout = self.spec.layout
+        model = LlamaModel.load(self.model_dir, self.device, self.dtype)
+        # NOTE: zeros, not empty: padded decode gathers read unwritten slots, and 0 * NaN would leak.
+        pool = torch.zeros(
+            (self.num_blocks, layout.num_layers, 2, self.block_size, layout.num_kv_heads, layout.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_caches = [(pool[:, i, 0], pool[:, i, 1]) for i in range(layout.num_layers)]
+        self._kv_pool = pool
+        self._model = model
+
+    @property
+    def kv_pool(self) -> torch.Tensor:
+        self.load()
+        assert self._kv_pool is not None
+        return self._kv_pool
+
+    @property
+    def model(self) -> LlamaModel:
+        self.load()
+        assert self._model is not None
+        return self._model
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> list[SampledToken | None]:
         if not batch:
             return []
+        model = self.model
         # NOTE: single-token entries go first so all decodes share one padded attention call.
         order = sorted(range(len(batch)), key=lambda i: batch[i].num_tokens != 1)
         items = [batch[i] for i in order]
@@ -76,14 +114,14 @@ class ModelRunner:
             [(it.start, it.num_tokens, it.seq.block_table) for it in items], self.block_size, self.device
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long).to(self.device)
-        hidden = self.model.forward(input_ids, step.positions, step, self.kv_caches)
+        hidden = model.forward(input_ids, step.positions, step, self.kv_caches)
 
         sampling = [j for j, it in enumerate(items) if it.sample]
         out: list[SampledToken | None] = [None] * len(batch)
         if not sampling:
             return out
         rows = torch.tensor([last_token[j] for j in sampling], device=self.device)
-        logits = self.model.logits(hidden[rows])
+        logits = model.logits(hidden[rows])
         seqs = [items[j].seq for j in sampling]
         tokens = self.sampler.sample(logits, [s.request_id for s in seqs], [s.params for s in seqs])
         for j, tok in zip(sampling, tokens, strict=True):

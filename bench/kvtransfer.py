@@ -317,18 +317,8 @@ def main() -> None:
         print(f"skipping {skipped} blocks: memory allows at most {cap} blocks per pool")
     rows = run_loop(bench_shm(num_blocks, counts, args.quick), args.loop)
     rows += run_loop(bench_tcp(num_blocks, counts, args.quick, args.loop), args.loop)
-    headers = [
-        "backend",
-        "blocks",
-        "ids",
-        "mb",
-        "reps",
-        "p50_ms",
-        "gbps",
-        "ceiling",
-        "ceiling_gbps",
-        "vs_ceiling",
-    ]
+    headers = ["backend", "blocks", "ids", "mb", "reps", "p50_ms", "gbps", "ceiling", "ceiling_p50_ms",
+               "ceiling_gbps", "vs_ceiling"]  # fmt: skip
     print(table(headers, [[r[h] for h in headers] for r in rows]))
     figures: dict[str, float] = {}
     for n in (256, 4096):

@@ -58,6 +58,7 @@ class HandleRegistry:
         self._clock = clock
         self._remember = remember
         self._live: dict[str, _Entry] = {}
+        self._num_pinned_blocks = 0
         # NOTE: recently ended handles, so a late claim says why ("expired") instead of "unknown"
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._lock = threading.Lock()
@@ -65,6 +66,10 @@ class HandleRegistry:
     @property
     def num_pinned(self) -> int:
         return len(self._live)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return self._num_pinned_blocks
 
     def get(self, handle_id: str) -> Handle | None:
         entry = self._live.get(handle_id)
@@ -87,6 +92,7 @@ class HandleRegistry:
                 raise ValueError(f"handle {request_id!r} is already published")
             self._ended.pop(request_id, None)
             self._live[request_id] = _Entry(handle)
+            self._num_pinned_blocks += len(handle.block_ids)
         return handle
 
     def claim(self, handle_id: str, token: str) -> Handle:
@@ -151,6 +157,7 @@ class HandleRegistry:
 
     def _end(self, handle_id: str, why: str) -> Handle:
         entry = self._live.pop(handle_id)
+        self._num_pinned_blocks -= len(entry.handle.block_ids)
         why = "reused" if why == "released" and entry.claimed else why
         self._ended[handle_id] = (entry.handle.token, why)
         if len(self._ended) > self._remember:

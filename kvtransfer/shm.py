@@ -41,14 +41,14 @@ class ShmTransport(Transport):
         # and the copy ran ~20% slower off the loop's thread in bench.kvtransfer.
         self.thread_min_bytes = thread_min_bytes
         self._sources: dict[str, tuple[KvPool, int]] = {}  # shm name -> (mapping, inode)
-        self._claimed: OrderedDict[str, None] = OrderedDict()  # recently claimed handle ids
+        self._claimed: OrderedDict[str, None] = OrderedDict()  # tokens of recently claimed handles
 
     async def _pull(
         self, handle: HandleRef, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
     ) -> None:
         check_ids(src_block_ids, handle.num_blocks, "source")
         src_pool = self._source(handle)
-        if handle.handle_id not in self._claimed:
+        if handle.token not in self._claimed:
             await self._claim_once(handle)
         plan = runs(src_block_ids, dst_block_ids)
         if len(src_block_ids) * self.dst_pool.block_bytes < self.thread_min_bytes:
@@ -63,7 +63,7 @@ class ShmTransport(Transport):
             raise
         except Exception as exc:
             raise TransferError(f"claiming handle {handle.handle_id!r} failed: {exc}") from exc
-        self._claimed[handle.handle_id] = None
+        self._claimed[handle.token] = None  # NOTE: by token: a republished request id is a new handle
         if len(self._claimed) > 4096:
             self._claimed.popitem(last=False)
 

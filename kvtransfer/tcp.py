@@ -1,17 +1,21 @@
 """Any-host KV pull over TCP: the prefill worker's transfer server streams raw block bytes
 straight from its pool; the decode side `recv_into`s them straight into its own pool blocks.
+The same server also takes the two control calls of a handle's life that need no gRPC: claim
+(what a same-host shm pull does before it reads shared memory) and release (after a pull).
 
 Wire protocol (little-endian; one request in flight per connection, connections reused):
-  request   header `<4sBBHI16s` magic b"PDKV", version 1, op 1 (read), handle id length,
-            block count, 16 raw token bytes; then the handle id (utf-8); then count x uint32
-            source block ids
-  response  `<BQ` status, value. status 0 (ok): value = the server's block_bytes, then
-            count x block_bytes raw bytes in request order, then one trailer byte (0: the handle
-            was still pinned when the last byte went out; 1: it ended meanwhile, data may be
-            stale). status 1 (refused) / 2 (bad request): value = length of a utf-8 reason that
-            follows; after 2 the server closes the connection.
-The first request on a connection claims the handle (spends the one-time token); later requests
-on that connection for the same handle and token read without claiming again.
+  request   header `<4sBBHI16s` magic b"PDKV", version 1, op, handle id length, block count,
+            16 raw token bytes; then the handle id (utf-8); then count x uint32 source block ids
+            op 1 read: count >= 0 ids; op 2 claim, op 3 release: count 0
+  response  `<BQ` status, value.
+            status 0 (ok), op 1: value = the server's block_bytes, then count x block_bytes raw
+              bytes in request order, then one trailer byte (0: the handle was still pinned when
+              the last byte went out; 1: it ended meanwhile, the data may be stale).
+            status 0, op 2: value = block_bytes. status 0, op 3: value = 1 if this call released.
+            status 1 (refused) / 2 (bad request): value = length of a utf-8 reason that follows;
+              after 2 the server closes the connection.
+The first read or claim on a connection claims the handle (spends the one-time token); later
+reads on that connection with the same handle and token go on without claiming again.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"PDKV"
 VERSION = 1
-OP_READ = 1
+OP_READ, OP_CLAIM, OP_RELEASE = 1, 2, 3
 OK, REFUSED, BAD_REQUEST = 0, 1, 2
 REQUEST = struct.Struct("<4sBBHI16s")
 RESPONSE = struct.Struct("<BQ")
@@ -50,7 +54,7 @@ SEND_CHUNK = 1 << 20
 RECV_CHUNK = 256 << 10
 
 
-def encode_request(handle_id: str, token: str, src_block_ids: Sequence[int]) -> bytes:
+def encode_request(handle_id: str, token: str, src_block_ids: Sequence[int], op: int = OP_READ) -> bytes:
     hid = handle_id.encode()
     try:
         raw_token = bytes.fromhex(token)
@@ -59,7 +63,7 @@ def encode_request(handle_id: str, token: str, src_block_ids: Sequence[int]) -> 
     if len(raw_token) != 16:
         raise TransferRefused(f"malformed token for handle {handle_id!r}")
     ids = np.asarray(src_block_ids, dtype="<u4").tobytes()
-    return REQUEST.pack(MAGIC, VERSION, OP_READ, len(hid), len(src_block_ids), raw_token) + hid + ids
+    return REQUEST.pack(MAGIC, VERSION, op, len(hid), len(src_block_ids), raw_token) + hid + ids
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -169,19 +173,27 @@ class TcpTransferServer:
         if got < len(head):
             await _recv_into(loop, sock, memoryview(head)[got:])
         magic, version, op, id_len, count, raw_token = REQUEST.unpack(head)
-        if magic != MAGIC or version != VERSION or op != OP_READ or id_len > MAX_ID_LEN or count > MAX_IDS:
+        ok_op = op == OP_READ or (op in (OP_CLAIM, OP_RELEASE) and count == 0)
+        if magic != MAGIC or version != VERSION or not ok_op or id_len > MAX_ID_LEN or count > MAX_IDS:
             await self._refuse(loop, sock, BAD_REQUEST, "bad request header (not a pdrouter KV pull?)")
             _drain_and_shut(sock)
             return False
         tail = await _recv_bytes(loop, sock, id_len + 4 * count)
         handle_id = tail[:id_len].decode(errors="replace")
         ids = np.frombuffer(tail, dtype="<u4", offset=id_len).tolist()
+        bb = self.pool.block_bytes
+        if op == OP_RELEASE:
+            released = self.registry.release(handle_id, raw_token.hex())
+            await loop.sock_sendall(sock, RESPONSE.pack(OK, int(released)))
+            return True
         try:
-            handle = self._authorize(bound, handle_id, raw_token.hex(), ids)
+            handle = self._authorize(bound, handle_id, raw_token.hex(), ids, fresh=op == OP_CLAIM)
         except TransferRefused as exc:
             await self._refuse(loop, sock, REFUSED, exc.reason)
             return True
-        bb = self.pool.block_bytes
+        if op == OP_CLAIM:
+            await loop.sock_sendall(sock, RESPONSE.pack(OK, bb))
+            return True
         buf = self.pool.buffer
         parts = [RESPONSE.pack(OK, bb)]
         for s, _, n in runs(ids, ids):
@@ -191,9 +203,10 @@ class TcpTransferServer:
         await loop.sock_sendall(sock, b"\0" if self.registry.is_live(handle) else b"\1")
         return True
 
-    def _authorize(self, bound: list, handle_id: str, token: str, ids: list[int]) -> Handle:
+    def _authorize(self, bound: list, handle_id: str, token: str, ids: list[int], fresh: bool) -> Handle:
+        """The handle, claimed now (`fresh`, or not yet claimed on this connection) or before."""
         handle: Handle | None = bound[0]
-        if not (
+        if fresh or not (
             handle is not None
             and handle.handle_id == handle_id
             and hmac.compare_digest(handle.token, token)
@@ -310,6 +323,46 @@ class TcpTransport(Transport):
         finally:
             if conn is not None:
                 self._checkin(conn, reusable)
+
+    async def claim(self, handle: HandleRef) -> None:
+        """Spend the handle's token at its transfer server without reading (what a same-host
+        shm pull needs first: `ShmTransport(pool, claim=tcp.claim)`); TransferRefused saying why."""
+        await self._control(handle, OP_CLAIM)
+
+    async def release(self, handle: HandleRef) -> bool:
+        """Unpin the handle at its transfer server; True if this call released it."""
+        return bool(await self._control(handle, OP_RELEASE))
+
+    async def _control(self, handle: HandleRef, op: int) -> int:
+        request = encode_request(handle.handle_id, handle.token, (), op)
+        loop = asyncio.get_running_loop()
+        conn: _Conn | None = None
+        reusable = False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                conn = await self._checkout(handle)
+                await loop.sock_sendall(conn.sock, request)
+                status, value = RESPONSE.unpack(await _recv_bytes(loop, conn.sock, RESPONSE.size))
+                if status != OK:
+                    reason = (await _recv_bytes(loop, conn.sock, value)).decode(errors="replace")
+                    reusable = status == REFUSED
+                    raise TransferRefused(reason) if reusable else EOFError(f"server rejected: {reason}")
+                reusable = True
+        except TimeoutError as exc:
+            raise TransferError(f"call to {handle.endpoint} timed out") from exc
+        except (OSError, EOFError) as exc:
+            raise TransferError(f"call to {handle.endpoint} failed: {exc}") from exc
+        finally:
+            if conn is not None:
+                self._checkin(conn, reusable)
+        if op == OP_CLAIM:
+            conn.handle_id = handle.handle_id
+            if value != self.dst_pool.block_bytes:
+                raise LayoutMismatch(
+                    f"{self.dst_pool.layout.describe()} block_bytes={self.dst_pool.block_bytes}",
+                    f"block_bytes={value} at {handle.endpoint}",
+                )
+        return value
 
     async def _request(
         self, conn: _Conn, handle: HandleRef, request: bytes, dst_block_ids: Sequence[int]

@@ -266,11 +266,12 @@ def test_claim_refusals_say_why() -> None:
 def test_release_is_idempotent_and_unpins_once() -> None:
     reg, unpinned, _ = make_registry()
     h = reg.publish("r1", [1, 2], 32)
+    assert reg.num_pinned_blocks == 2
     assert reg.release("r1", token="f" * 32) is False  # a wrong token releases nothing
     assert reg.release("r1", token=h.token) is True
     assert reg.release("r1") is False
     assert reg.release("never") is False
-    assert unpinned == ["r1"] and reg.num_pinned == 0
+    assert unpinned == ["r1"] and reg.num_pinned == 0 and reg.num_pinned_blocks == 0
     assert not reg.is_live(h)
 
 
@@ -359,6 +360,7 @@ def test_concurrent_release_and_expiry_unpin_each_handle_once() -> None:
 # -- fake transport --------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 async def test_fake_transport_copies_fails_and_aborts() -> None:
     with make_pool(seed=1) as src, make_pool() as dst:
         reg, _, _ = make_registry()
@@ -399,6 +401,7 @@ def registry_claim(reg: HandleRegistry):
     return claim
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n", [1, 16, 256])
 async def test_shm_pull_in_process(n: int) -> None:
     with make_pool(seed=n, shared=True) as src, make_pool() as dst:
@@ -414,6 +417,7 @@ async def test_shm_pull_in_process(n: int) -> None:
         await shm.close()
 
 
+@pytest.mark.unit
 async def test_shm_refusal_layout_and_missing_pool() -> None:
     with make_pool(seed=3, shared=True) as src, make_pool() as dst:
         reg, _, _ = make_registry()
@@ -431,12 +435,25 @@ async def test_shm_refusal_layout_and_missing_pool() -> None:
         with pytest.raises(TransferError, match="source block ids out of range"):
             await shm.pull(make_ref(h, src), [NUM_BLOCKS], [0])
         await shm.pull(make_ref(h, src), [0], [0])
+        reg.release("r1")
+        claims = []
+
+        async def counting_claim(ref: HandleRef) -> None:
+            claims.append(ref.handle_id)
+            reg.claim(ref.handle_id, ref.token)
+
+        shm._claim = counting_claim
+        again = reg.publish("r1", [1], 16)  # the same request id, published anew: a new token
+        await shm.pull(make_ref(again, src), [1], [1])
+        await shm.pull(make_ref(again, src), [1], [2])
+        assert claims == ["r1"]
         name = src.name
     with pytest.raises(TransferError, match="is gone"):
         await shm.pull(make_ref(h, shm_name=name, num_blocks=NUM_BLOCKS), [0], [0])
     await shm.close()
 
 
+@pytest.mark.unit
 async def test_shm_claim_failure_is_a_transfer_error() -> None:
     async def broken(ref: HandleRef) -> None:
         raise ConnectionError("grpc unavailable")
@@ -448,6 +465,7 @@ async def test_shm_claim_failure_is_a_transfer_error() -> None:
             await ShmTransport(dst, broken).pull(make_ref(h, src), [0], [0])
 
 
+@pytest.mark.unit
 async def test_threaded_copy_stops_before_the_pull_ends() -> None:
     """Cancelling a pull that copies in a thread returns only once the thread has stopped."""
     started, stopped = threading.Event(), threading.Event()
@@ -554,7 +572,15 @@ async def test_shm_pull_from_another_process() -> None:
                 await ShmTransport(dst, p.claim).pull(p.ref(h), src_ids, dst_ids)
             assert (await p.ask(op="release", handle_id="req-1"))["released"]
             assert await p.ask(op="pinned") == {"pinned": 0, "unpinned": ["req-1"]}
-            await shm.close()
+            # NOTE: the deployed path: claim and release through the peer's transfer server
+            tcp = TcpTransport(dst)
+            h = await p.ask(op="publish", handle_id="req-2", ids=[7, 8, 9])
+            via_tcp = ShmTransport(dst, tcp.claim)
+            await asyncio.wait_for(via_tcp.pull(p.ref(h), [7, 8, 9], [0, 1, 2]), BOUND_S)
+            assert_copied(expected, dst, [7, 8, 9], [0, 1, 2])
+            assert await tcp.release(p.ref(h)) is True
+            assert await p.ask(op="pinned") == {"pinned": 0, "unpinned": ["req-1", "req-2"]}
+            await asyncio.gather(shm.close(), via_tcp.close(), tcp.close())
         name = p.shm_name
     assert p.proc.returncode == 0
     assert not (SHM / name).exists(), "the owner's segment outlived it"
@@ -619,6 +645,38 @@ async def test_tcp_same_connection_may_pull_a_claimed_handle_again() -> None:
             with pytest.raises(TransferRefused, match="reused"):
                 await tcp.pull(tcp_ref(server, h), [0], [0])
             await tcp.close()
+
+
+@pytest.mark.integration
+async def test_tcp_claim_and_release_control_calls() -> None:
+    with make_pool(seed=6, shared=True) as src, make_pool() as dst:
+        reg, unpinned, _ = make_registry()
+        async with tcp_server(src, reg) as server:
+            tcp = TcpTransport(dst)
+            shm = ShmTransport(dst, tcp.claim)
+            h = reg.publish("r1", [4, 5], 32)
+            ref = tcp_ref(server, h, backend="shm", shm_name=src.name, num_blocks=NUM_BLOCKS)
+            await shm.pull(ref, [4, 5], [10, 11])
+            assert_copied(src, dst, [4, 5], [10, 11])
+            with pytest.raises(TransferRefused, match="reused"):
+                await tcp.claim(ref)
+            assert await tcp.release(tcp_ref(server, h, token="0" * 32)) is False  # wrong token
+            assert reg.num_pinned == 1
+            assert await tcp.release(ref) is True
+            assert await tcp.release(ref) is False
+            assert unpinned == ["r1"]
+            other = TcpTransport(dst)
+            with pytest.raises(TransferRefused, match="reused"):
+                await other.claim(ref)
+            await other.close()
+            h2 = reg.publish("r2", [1], 16)
+            with make_pool(OTHER, 2) as other_dst:
+                other = TcpTransport(other_dst)
+                with pytest.raises(LayoutMismatch, match="block_bytes"):
+                    await other.claim(tcp_ref(server, h2))
+                await other.close()
+            assert server.num_connections == 3
+            await asyncio.gather(shm.close(), tcp.close())
 
 
 @pytest.mark.integration

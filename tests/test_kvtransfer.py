@@ -741,26 +741,28 @@ async def test_tcp_bad_request_is_refused_and_closed() -> None:
             writer.close()
 
 
-async def _fake_server(behaviour: str) -> tuple[asyncio.Server, str, asyncio.Event]:
-    """A server that answers OK and then misbehaves mid-stream: 'close' or 'stall'."""
-    done = asyncio.Event()
+async def _fake_server(behaviour: str) -> tuple[asyncio.Server, str, asyncio.Event, asyncio.Event]:
+    """A server that answers OK, sends half of the blocks, then misbehaves: 'close' or 'stall'.
+    Returns (server, endpoint, `done` to end a stall, `sent`: set once the half is out)."""
+    done, sent = asyncio.Event(), asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(64)
         writer.write(RESPONSE.pack(0, LAYOUT.block_bytes) + b"\x01" * (LAYOUT.block_bytes * 3 // 2))
         await writer.drain()
+        sent.set()
         if behaviour == "stall":
             await done.wait()
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", done
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", done, sent
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("behaviour", ["close", "stall"])
 async def test_tcp_connection_lost_mid_pull_is_a_transfer_error(behaviour: str) -> None:
-    server, endpoint, done = await _fake_server(behaviour)
+    server, endpoint, done, _ = await _fake_server(behaviour)
     with make_pool() as dst:
         reg, _, _ = make_registry()
         h = reg.publish("r1", [0, 1, 2], 48)
@@ -769,6 +771,26 @@ async def test_tcp_connection_lost_mid_pull_is_a_transfer_error(behaviour: str) 
             with pytest.raises(TransferError, match=r"closed after|timed out"):
                 await asyncio.wait_for(tcp.pull(tcp_ref(endpoint, h), [0, 1, 2], [0, 1, 2]), BOUND_S)
             assert tcp.stats.num_failures == 1 and not tcp._idle.get(endpoint)
+        finally:
+            done.set()
+            server.close()
+            await tcp.close()
+
+
+@pytest.mark.integration
+async def test_tcp_cancelled_pull_aborts_and_drops_the_connection() -> None:
+    server, endpoint, done, sent = await _fake_server("stall")
+    with make_pool() as dst:
+        reg, _, _ = make_registry()
+        h = reg.publish("r1", [0, 1, 2], 48)
+        tcp = TcpTransport(dst)
+        try:
+            task = asyncio.ensure_future(tcp.pull(tcp_ref(endpoint, h), [0, 1, 2], [0, 1, 2]))
+            await asyncio.wait_for(sent.wait(), BOUND_S)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, BOUND_S)
+            assert tcp.stats.num_aborts == 1 and not tcp._idle.get(endpoint) and not tcp._busy
         finally:
             done.set()
             server.close()

@@ -59,6 +59,7 @@ class HandleRegistry:
         self._remember = remember
         self._live: dict[str, _Entry] = {}
         self._num_pinned_blocks = 0
+        self.num_expired = 0  # handles unpinned by their TTL rather than a release (a counter)
         # NOTE: recently ended handles, so a late claim says why ("expired") instead of "unknown"
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._lock = threading.Lock()
@@ -158,6 +159,7 @@ class HandleRegistry:
     def _end(self, handle_id: str, why: str) -> Handle:
         entry = self._live.pop(handle_id)
         self._num_pinned_blocks -= len(entry.handle.block_ids)
+        self.num_expired += why == "expired"
         why = "reused" if why == "released" and entry.claimed else why
         self._ended[handle_id] = (entry.handle.token, why)
         if len(self._ended) > self._remember:

@@ -254,6 +254,7 @@ def test_claim_refusals_say_why() -> None:
     with pytest.raises(TransferRefused, match="expired"):
         reg.claim("r2", h2.token)
     assert unpinned == ["r1", "r2"] and reg.num_pinned == 0  # an expired claim unpins at once
+    assert reg.num_expired == 1
     with pytest.raises(TransferRefused, match="expired"):
         reg.claim("r2", h2.token)
     h3 = reg.publish("r3", [3], 16)
@@ -287,7 +288,7 @@ def test_expire_sweeps_only_expired_and_unpins_once() -> None:
     assert reg.expire(clock.now + 1.0) == []
     assert [h.handle_id for h in reg.expire(clock.now + 5.0)] == ["claimed"]
     reg.release("short")
-    assert unpinned == ["short", "claimed"] and reg.num_pinned == 1
+    assert unpinned == ["short", "claimed"] and reg.num_pinned == 1 and reg.num_expired == 2
     reg.close()
     assert unpinned == ["short", "claimed", "long"] and reg.num_pinned == 0
 

@@ -44,6 +44,18 @@ class RouterMetrics:
         self.worker_waiting = Gauge(
             "pdrouter_worker_queue_depth", "Requests waiting on the worker", ["worker"], registry=r
         )
+        # NOTE: the worker's own KV transfer totals, as of its last load report
+        self.worker_kv = {
+            field: Gauge(f"pdrouter_worker_kv_{field}", help_text, ["worker"], registry=r)
+            for field, help_text in (
+                ("pulls", "KV handles pulled (decode side)"),
+                ("pull_failures", "KV pulls that failed and fell back to local recompute"),
+                ("blocks_pulled", "KV blocks pulled (decode side)"),
+                ("handles_pinned", "KV handles pinned now (prefill side)"),
+                ("blocks_pinned", "KV blocks pinned now (prefill side)"),
+                ("handles_expired", "KV handles unpinned by their TTL instead of a release"),
+            )
+        }
 
     def observe_workers(self, workers) -> None:
         """Refreshed at scrape time from the pool's latest load reports."""
@@ -52,6 +64,8 @@ class RouterMetrics:
             self.worker_blocks_used.labels(w.worker_id).set(w.load.kv_blocks_used)
             self.worker_blocks_total.labels(w.worker_id).set(w.load.kv_blocks_total)
             self.worker_waiting.labels(w.worker_id).set(w.load.num_waiting)
+            for field, gauge in self.worker_kv.items():
+                gauge.labels(w.worker_id).set(getattr(w.load.kv_transfer, field))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

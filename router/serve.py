@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port")
     p.add_argument("--engine", choices=["hf", "mock"], default="hf")
     p.add_argument("--model", default="default")
-    p.add_argument("--prefill", type=int, default=0, help="number of prefill-only workers")
-    p.add_argument("--decode", type=int, default=0, help="number of decode-only workers")
     p.add_argument(
-        "--both", type=int, default=None, help="number of workers doing both (default 1 if no pools given)"
+        "--prefill", type=int, default=None, help="prefill-only workers (default: 1 when no pool is sized)"
     )
+    p.add_argument(
+        "--decode", type=int, default=None, help="decode-only workers (default: 1 when no pool is sized)"
+    )
+    p.add_argument("--both", type=int, default=0, help="workers doing both prefill and decode")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--worker-arg", action="append", default=[], help="extra argument passed to every worker")
     p.add_argument("--router-arg", action="append", default=[], help="extra argument passed to the router")
@@ -87,11 +89,14 @@ def _ready(url: str) -> bool:
 
 
 async def run(args: argparse.Namespace) -> int:
-    both = args.both if args.both is not None else (0 if args.prefill or args.decode else 1)
-    roles = ["prefill"] * args.prefill + ["decode"] * args.decode + ["both"] * both
+    sized = args.prefill is not None or args.decode is not None or args.both
+    prefill = args.prefill if args.prefill is not None else (0 if sized else 1)
+    decode = args.decode if args.decode is not None else (0 if sized else 1)
+    both = args.both
+    roles = ["prefill"] * prefill + ["decode"] * decode + ["both"] * both
     if not roles:
         raise SystemExit("pdrouter serve: no workers requested")
-    if args.prefill and not (args.decode or both):
+    if prefill and not (decode or both):
         raise SystemExit("pdrouter serve: prefill workers need at least one decode or both worker")
     model = str(resolve_model(args.model))
     exe = [sys.executable, "-m", "router.cli"]

@@ -73,9 +73,7 @@ def test_token_prompt_completion_matches(hf_stack, hf_reference) -> None:
     prompt_ids, _, _ = hf_reference
     client = openai.OpenAI(base_url=hf_stack.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
     r = client.completions.create(model="default", prompt=prompt_ids, max_tokens=8, temperature=0, logprobs=2)
-    assert (
-        (r.choices[0].logprobs.tokens
-        and len(r.choices[0].logprobs.token_logprobs) == 8)
-        or r.choices[0].finish_reason == "stop"
-    )
+    assert (r.choices[0].logprobs.tokens and len(r.choices[0].logprobs.token_logprobs) == 8) or r.choices[
+        0
+    ].finish_reason == "stop"
     assert r.usage.prompt_tokens == len(prompt_ids)

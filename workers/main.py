@@ -18,9 +18,10 @@ from workers.engine.engine import Engine
 from workers.engine.runner import spec_from_model_dir
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.sequence import SamplingParams
+from workers.kv_agent import KvAgent
 from workers.mock.runner import MockRunner, TimingModel
 from workers.model_files import resolve_model
-from workers.service import WorkerService
+from workers.service import VERSION, WorkerService
 
 log = logging.getLogger("pdrouter.worker")
 
@@ -57,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mock-num-blocks", type=int, default=4096)
     p.add_argument(
+        "--kv-transfer",
+        choices=["auto", "shm", "tcp"],
+        default="auto",
+        help="how this worker pulls KV from prefill workers (auto: shm on the same host, else tcp)",
+    )
+    p.add_argument("--kv-transfer-host", default="", help="KV transfer listener address (default: --host)")
+    p.add_argument("--kv-transfer-port", type=int, default=0, help="KV transfer listener port (0: any free)")
+    p.add_argument(
+        "--kv-handle-ttl-s", type=float, default=30.0, help="unpin published KV blocks after this long"
+    )
+    p.add_argument(
         "--num-workers",
         type=int,
         default=1,
@@ -86,6 +98,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
             spec,
             args.num_blocks or args.mock_num_blocks,
             parse_timing(args.mock_timing, args.mock_token_delay_ms),
+            shared_kv=args.role != "decode",
         )
         return Engine(runner, sched)
     from workers.engine.model_runner import ModelRunner
@@ -98,6 +111,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         dtype=args.dtype,
         kv_cache_bytes=args.kv_cache_mb << 20,
         threads=args.threads or max(1, os.cpu_count() or 1),
+        shared_kv=args.role != "decode",  # NOTE: only a prefill side is read through shared memory
     )
     return Engine(runner, sched)
 
@@ -129,6 +143,7 @@ class WorkerInstance:
         self.service = WorkerService(worker_id=self.worker_id, role=args.role, engine_kind=args.engine)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self.server)
         self.engine: Engine | None = None
+        self.kv: KvAgent | None = None
 
     async def start(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -140,12 +155,21 @@ class WorkerInstance:
         self.engine = await asyncio.to_thread(build_engine, self.args)
         self.engine.start()
         await warm_up(self.engine)
-        self.service.attach(self.engine)
+        if self.engine.runner.transfer_pool is not None:
+            a = self.args
+            self.kv = KvAgent(
+                self.engine, self.worker_id, VERSION, a.kv_transfer_host or a.host, a.kv_transfer_port,
+                backend=a.kv_transfer, ttl_s=a.kv_handle_ttl_s,
+            )  # fmt: skip
+            await self.kv.start()
+        self.service.attach(self.engine, self.kv)
         await self.health.set(self.service_name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.kv is not None:
+            await self.kv.close()
         if self.engine is not None:
             self.engine.stop()
 

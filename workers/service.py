@@ -1,8 +1,11 @@
 """gRPC Worker service over an engine.
 
-Decode lifecycle: validate -> (pull KV through the handle: issue 4) -> generate with
-continuous batching -> stream token chunks, coalescing whatever is ready -> Complete.
-A client that goes away closes the generator, which aborts the request and frees its blocks.
+Prefill lifecycle: compute the prompt with its blocks pinned -> first token -> publish the
+blocks as a KV handle (unless the first token already ends the request) -> PrefillResult.
+Decode lifecycle: validate -> pull the handle's blocks the local prefix cache lacks (or recompute
+on any transfer failure) -> release the handle -> generate with continuous batching -> stream
+token chunks, coalescing whatever is ready -> Complete. A client that goes away closes the
+generator, which aborts the request and frees its blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pdrouter_proto import worker_pb2_grpc as pb_grpc
 from workers.engine.block_manager import KvEvent
 from workers.engine.engine import Engine, EngineError, LoadReport
 from workers.engine.sequence import FinishReason, SamplingParams
+from workers.kv_agent import KvAgent
 
 VERSION = "0.1.0"
 ROLES = {"both": pb.ROLE_BOTH, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE}
@@ -84,11 +88,19 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.instance_id = secrets.randbits(63)
         self.load_interval_s = load_interval_s
         self._subs: set[_Subscription] = set()
+        self.kv: KvAgent | None = None
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine, kv: KvAgent | None = None) -> None:
         """Serve `engine`; until then every RPC answers UNAVAILABLE (the model is loading)."""
         engine.event_listeners.append(self._on_kv_events)
+        self.kv = kv
         self.engine = engine
+
+    def load_report(self) -> pb.LoadReport:
+        report = load_to_pb(self.engine.load())
+        if self.kv is not None:
+            report.kv_transfer.CopyFrom(self.kv.snapshot())
+        return report
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> None:
         if self.engine is None:
@@ -121,6 +133,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             ),
             version=VERSION,
             instance_id=self.instance_id,
+            transfer_endpoint=self.kv.endpoint if self.kv is not None else "",
         )
 
     # -- Prefill / Decode -------------------------------------------------------------------
@@ -129,11 +142,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
         await self._ready(context)
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
         params = params_from_pb(request.params)
-        params.max_tokens = 1
+        wanted, params.max_tokens = params.max_tokens, 1
         first = pb.TokenChunk()
         try:
-            async for out in self.engine.generate(request.request_id, list(request.prompt_token_ids), params):
+            async for out in self.engine.generate(rid, prompt, params, pin_on_finish=self.kv is not None):
                 _fill_chunk(first, out)
                 if out.finish_reason is not None:
                     result = pb.PrefillResult(
@@ -141,7 +156,15 @@ class WorkerService(pb_grpc.WorkerServicer):
                         num_prompt_tokens=out.num_prompt_tokens,
                         num_cached_tokens=out.num_cached_tokens,
                     )
-                    return pb.PrefillResponse(request_id=request.request_id, ok=result)
+                    ended = out.finish_reason is not FinishReason.LENGTH or wanted <= 1
+                    if ended:  # nothing for a decode worker to do: no handle, blocks back now
+                        result.finish_reason = FINISH[out.finish_reason]
+                    if out.pinned_block_ids is not None and self.kv is not None:
+                        if ended:
+                            self.engine.unpin(rid)
+                        else:
+                            result.handle.CopyFrom(self.kv.publish(rid, out.pinned_block_ids, len(prompt)))
+                    return pb.PrefillResponse(request_id=rid, ok=result)
         except EngineError as exc:
             return pb.PrefillResponse(request_id=request.request_id, error=_error(request.request_id, exc))
         return pb.PrefillResponse(
@@ -161,9 +184,14 @@ class WorkerService(pb_grpc.WorkerServicer):
             params.max_tokens -= len(prior)
         num_prompt = len(prompt)
         num_out = 0
-        gen = self.engine.generate(rid, prompt + prior, params)
+        handle = request.kv_handle if request.HasField("kv_handle") and self.kv is not None else None
+        kv_import = self.kv.importer(rid, handle) if handle is not None else None
+        gen = self.engine.generate(rid, prompt + prior, params, kv_import=kv_import)
         try:
             async for out in gen:
+                if handle is not None:  # the import is over (pulled, or recomputed): release it
+                    self.kv.finish_import(rid, handle)  # type: ignore[union-attr]
+                    handle = None
                 if out.token_ids:
                     num_out += len(out.token_ids)
                     chunk = pb.TokenChunk()
@@ -183,11 +211,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             yield pb.DecodeResponse(request_id=rid, error=_error(rid, exc))
         finally:
             await gen.aclose()
+            if handle is not None:
+                self.kv.finish_import(rid, handle)  # type: ignore[union-attr]
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
-        return pb.ReleaseResponse(released=False)
+        """The router gives a handle back (decode leg failed or the client left); idempotent."""
+        await self._ready(context)
+        released = self.kv is not None and self.kv.release(request.request_id, request.token)
+        return pb.ReleaseResponse(released=released)
 
     # -- Subscribe --------------------------------------------------------------------------
 
@@ -200,7 +233,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         snapshot = pb.Snapshot(
             instance_id=self.instance_id,
             block_hashes=self.engine.block_manager.cached_hashes(),
-            load=load_to_pb(self.engine.load()),
+            load=self.load_report(),
         )
         sub.put(pb.WorkerEvent(snapshot=snapshot))
         self._subs.add(sub)
@@ -218,7 +251,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def _tick_load(self, sub: _Subscription, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            sub.put(pb.WorkerEvent(load=load_to_pb(self.engine.load())))
+            sub.put(pb.WorkerEvent(load=self.load_report()))
 
     def _on_kv_events(self, events: list[KvEvent]) -> None:
         if not self._subs:

@@ -107,6 +107,9 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def load(self) -> LoadReport:
         sch = self.scheduler

@@ -13,16 +13,22 @@ SmolLM2 decode step on 2 cores, measured). So the engine thread is the only one 
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from pathlib import Path
 
 import torch
 
+from kvtransfer.layout import KvLayout
+from kvtransfer.pool import KvPool
 from workers.engine.attention import plan_step
 from workers.engine.llama import LlamaModel
 from workers.engine.runner import ModelSpec, spec_from_model_dir
 from workers.engine.sampler import Sampler
 from workers.engine.sequence import SampledToken, ScheduledSeq
+
+log = logging.getLogger("pdrouter.engine")
 
 CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
 CUDA_KV_CACHE_FRACTION = 0.5  # of the memory still free once the weights are loaded
@@ -39,12 +45,15 @@ class ModelRunner:
         dtype: str | None = None,
         kv_cache_bytes: int | None = None,
         threads: int | None = None,
+        shared_kv: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype: torch.dtype = getattr(torch, dtype)
         self.threads = threads
+        self.shared_kv = shared_kv and self.device.type == "cpu"
+        self.transfer_pool: KvPool | None = None  # the pool's bytes as kvtransfer sees them (CPU only)
         # NOTE: shared with the mock runner so both engines describe a directory identically.
         self.spec: ModelSpec = spec_from_model_dir(self.model_dir, block_size, dtype)
         if num_blocks is None:
@@ -75,15 +84,30 @@ class ModelRunner:
             torch.set_num_threads(self.threads)
         layout = self.spec.layout
         model = LlamaModel.load(self.model_dir, self.device, self.dtype)
-        # NOTE: zeros, not empty: padded decode gathers read unwritten slots, and 0 * NaN would leak.
-        pool = torch.zeros(
-            (self.num_blocks, layout.num_layers, 2, self.block_size, layout.num_kv_heads, layout.head_dim),
-            dtype=self.dtype,
-            device=self.device,
-        )
+        shape = (self.num_blocks, layout.num_layers, 2, self.block_size, layout.num_kv_heads, layout.head_dim)
+        # NOTE: zeroed (fresh mappings are): padded decode gathers read unwritten slots, 0 * NaN leaks.
+        if self.device.type == "cpu":
+            self.transfer_pool = KvPool.create(layout, self.num_blocks, shared=self._can_share(layout))
+            pool = torch.frombuffer(self.transfer_pool.buffer, dtype=torch.uint8).view(self.dtype).view(shape)
+        else:
+            pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [(pool[:, i, 0], pool[:, i, 1]) for i in range(layout.num_layers)]
         self._kv_pool = pool
         self._model = model
+
+    def _can_share(self, layout: KvLayout) -> bool:
+        """Shared memory only when /dev/shm can hold the pool: a full tmpfs would SIGBUS on write."""
+        if not self.shared_kv:
+            return False
+        try:
+            st = os.statvfs("/dev/shm")
+        except OSError:
+            return False
+        need = self.num_blocks * layout.block_bytes
+        if st.f_bavail * st.f_frsize < need * 1.1:
+            log.warning("/dev/shm is too small for a %d MiB KV pool; same-host pulls use tcp", need >> 20)
+            return False
+        return True
 
     @property
     def kv_pool(self) -> torch.Tensor:
@@ -130,3 +154,7 @@ class ModelRunner:
 
     def free(self, request_id: str) -> None:
         self.sampler.free(request_id)
+
+    def close(self) -> None:
+        if self.transfer_pool is not None:
+            self.transfer_pool.close()

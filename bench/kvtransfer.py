@@ -16,6 +16,10 @@ pool; capped by available memory and /dev/shm space, see `max_blocks`), each wit
   from the server's pool / `recv_into` the destination pool, with the transport's syscall sizes:
   sends of 1 MiB, receives of 256 KiB, which were the fastest plain-socket sizes we measured).
 
+TTFT share: the prefill of a 2,000-token prompt on the default model (our engine, in-process, as
+a prefill worker runs it: chunked by the worker's default 512-token step budget) next to the pull
+of its 125 blocks over shm and tcp: transfer time / TTFT.
+
 GB/s = 1e9 bytes per second, median over the repetitions. Both pools are touched before timing
 (an engine's pool is allocated and zeroed at start-up, so page faults are not part of a pull).
 """
@@ -301,6 +305,49 @@ def run_loop(coro, loop_kind: str):
     return asyncio.run(coro)
 
 
+TTFT_PROMPT_TOKENS = 2000
+
+
+def prefill_ttft_s(num_tokens: int, reps: int) -> float:
+    """Median time to the first token of a `num_tokens` prompt, nothing cached (real engine)."""
+    from workers.engine.engine import Engine
+    from workers.engine.model_runner import ModelRunner
+    from workers.engine.scheduler import SchedulerConfig
+    from workers.engine.sequence import SamplingParams
+    from workers.model_files import resolve_model
+
+    runner = ModelRunner(resolve_model("default"), num_blocks=num_tokens // 16 + 8, threads=os.cpu_count())
+    engine = Engine(runner, SchedulerConfig(max_num_batched_tokens=512))
+
+    async def run() -> list[float]:
+        engine.start()
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        times = []
+        try:
+            for i in range(reps + 1):  # NOTE: the first one warms up
+                prompt = [(1000 + 7 * i + j) % 40000 + 100 for j in range(num_tokens)]
+                t0 = time.perf_counter()
+                async for _ in engine.generate(f"ttft-{i}", prompt, params):
+                    pass
+                times.append(time.perf_counter() - t0)
+                engine.block_manager.clear_cache()
+        finally:
+            engine.stop()
+        return times[1:]
+
+    return statistics.median(asyncio.run(run()))
+
+
+def ttft_share(rows: list[dict], quick: bool) -> list[dict]:
+    ttft_ms = prefill_ttft_s(TTFT_PROMPT_TOKENS, 1 if quick else 3) * 1e3
+    return [
+        {"backend": r["backend"], "blocks": r["blocks"], "transfer_ms": r["p50_ms"], "ttft_ms": ttft_ms,
+         "share": r["p50_ms"] / ttft_ms}
+        for r in rows
+        if r["ids"] == "contiguous"
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -327,6 +374,15 @@ def main() -> None:
                 figures[f"{r['backend']}_gbps_{n}"] = round(r["gbps"], 3)
                 key = "shm_vs_memcpy" if r["backend"] == "shm" else "tcp_vs_socket"
                 figures[f"{key}_{n}"] = round(r["vs_ceiling"], 3)
+    blocks = -(-TTFT_PROMPT_TOKENS // LAYOUT.block_size)
+    small = run_loop(bench_shm(blocks + 64, [blocks], True), args.loop)
+    small += run_loop(bench_tcp(blocks + 64, [blocks], True, args.loop), args.loop)
+    shares = ttft_share(small, args.quick)
+    print(f"\ntransfer time as a share of TTFT, {TTFT_PROMPT_TOKENS}-token prompt on the default model")
+    print(table(["backend", "blocks", "transfer_ms", "ttft_ms", "share"], [list(r.values()) for r in shares]))
+    for r in shares:
+        figures[f"{r['backend']}_share_of_ttft_2000"] = round(r["share"], 4)
+    figures["ttft_ms_2000"] = round(shares[0]["ttft_ms"], 1)
     path = save(
         "kvtransfer",
         {
@@ -337,6 +393,7 @@ def main() -> None:
             "skipped_blocks": skipped,
             "cpus": os.cpu_count(),
             "rows": rows,
+            "ttft_share": shares,
             **figures,
         },
     )

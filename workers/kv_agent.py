@@ -101,7 +101,6 @@ class KvAgent:
         while True:
             await asyncio.sleep(interval_s)
             for handle in self.registry.expire():
-                self.stats.handles_expired += 1
                 log.warning("KV handle %s expired after %.0f s unreleased", handle.handle_id, handle.ttl_s)
 
     async def close(self) -> None:
@@ -121,6 +120,7 @@ class KvAgent:
         s.CopyFrom(self.stats)
         s.handles_pinned = self.registry.num_pinned
         s.blocks_pinned = self.registry.num_pinned_blocks
+        s.handles_expired = self.registry.num_expired
         return s
 
     # -- prefill side -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ def make_tiny_llama(
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' own greedy continuation of one unpadded prompt (EOS does not stop it)."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.inference_mode():
         out = model.generate(
             ids,

@@ -292,3 +292,20 @@ def test_default_model_batch8_matches_hf(smol) -> None:
     got = driver.generate([driver.new_seq(f"r{i}", p) for i, p in enumerate(prompts)], 24, chunk=32)
     for prompt, tokens in zip(prompts, got, strict=True):
         assert tokens == hf_greedy(model, prompt, 24)
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+def test_default_model_on_cuda_matches_hf_on_cuda(default_model_dir: Path) -> None:
+    """Same code path on a GPU (float32 on both sides, so greedy output must match exactly)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval().cuda()
+    prompts = [chat_ids(tokenizer, q) for q in ("What is the capital of France?", "Name three colors.")]
+    driver = Driver(ModelRunner(default_model_dir, num_blocks=64, device="cuda", dtype="float32"))
+    got = driver.generate([driver.new_seq(f"g{i}", p) for i, p in enumerate(prompts)], 16)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == hf_greedy(model, prompt, 16)

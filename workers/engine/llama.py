@@ -96,15 +96,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w_t (+ bias) with the weight stored [in, out]: on CPU, MKL runs the small-batch
+    decode shapes 15-45% faster this way than F.linear's [out, in] (measured, 2 threads)."""
+    out = torch.mm(x, w_t)
+    return out if bias is None else out.add_(bias)
+
+
 @dataclass(slots=True)
 class LlamaLayer:
+    """Projection weights are stored transposed, [in, out] (see `matmul`)."""
+
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, k, v stacked
+    qkv: torch.Tensor  # [hidden, (heads + 2 * kv_heads) * head_dim]: q, k, v side by side
     qkv_bias: torch.Tensor | None
     o: torch.Tensor
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate, up stacked
+    gate_up: torch.Tensor  # [hidden, 2 * intermediate]: gate, up side by side
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
@@ -125,7 +134,7 @@ class LlamaModel:
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], p: str) -> LlamaLayer:
         def fused(*names: str) -> torch.Tensor:
-            return torch.cat([w[f"{p}{n}.weight"] for n in names])
+            return torch.cat([w[f"{p}{n}.weight"] for n in names]).t().contiguous()
 
         def fused_bias(*names: str) -> torch.Tensor | None:
             parts = [w.get(f"{p}{n}.bias") for n in names]
@@ -138,12 +147,12 @@ class LlamaModel:
             input_norm=w[f"{p}input_layernorm.weight"],
             qkv=fused(*qkv),
             qkv_bias=fused_bias(*qkv),
-            o=w[f"{p}self_attn.o_proj.weight"],
+            o=fused("self_attn.o_proj"),
             o_bias=w.get(f"{p}self_attn.o_proj.bias"),
             post_norm=w[f"{p}post_attention_layernorm.weight"],
             gate_up=fused(*gate_up),
             gate_up_bias=fused_bias(*gate_up),
-            down=w[f"{p}mlp.down_proj.weight"],
+            down=fused("mlp.down_proj"),
             down_bias=w.get(f"{p}mlp.down_proj.bias"),
         )
 
@@ -177,15 +186,15 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = matmul(x, layer.qkv, layer.qkv_bias)
             qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, qk_heads, cfg.head_dim), cos, sin)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
             o = paged_attention(q, k, v, k_cache, v_cache, attn, self.scale)
-            h = h + F.linear(o, layer.o, layer.o_bias)
+            h = h + matmul(o, layer.o, layer.o_bias)
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = matmul(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            h = h + matmul(F.silu(gate) * up, layer.down, layer.down_bias)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 
@@ -12,19 +11,12 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from workers.model_files import resolve_model
 
 from pdrouter_proto import inference_pb2, inference_pb2_grpc
+from router.app import build_router_app, http_config
 from router.grpc_api import InferenceService
-from router.http_api import HttpApp, RouterState
-from router.http_protocol import NoDelayHttpToolsProtocol
-from router.kv_index import KvIndex
-from router.orchestrator import Orchestrator
-from router.requests import Limits
-from router.route_planner import RoutePlanner
-from router.routing import POLICY_NAMES, ActiveLoad
-from router.tokenizer import Tokenizer
-from router.worker_pool import WorkerPool
+from router.routing import POLICY_NAMES
+from workers.model_files import resolve_model
 
 log = logging.getLogger("pdrouter.router")
 
@@ -58,47 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _limits(model_dir, served_name: str) -> Limits:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    name = served_name or cfg.get("_name_or_path") or model_dir.name
-    if "/" in name or os.sep in name:
-        name = os.path.basename(name.rstrip("/"))
-    return Limits(name, cfg.get("max_position_embeddings", 4096), cfg["vocab_size"])
-
-
-def http_config(app, host: str, port: int) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="none",  # NOTE: we already run on uvloop
-        http=NoDelayHttpToolsProtocol,
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_keep_alive=30,
-    )
-
-
 async def serve(args: argparse.Namespace) -> None:
     if not args.worker:
         raise SystemExit("pdrouter router: give at least one --worker HOST:PORT")
     model_dir = resolve_model(args.model)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    limits = _limits(model_dir, args.served_model_name)
-    index = KvIndex()
-    pool = WorkerPool(args.worker, on_event=lambda w, event: index.apply(w.worker_id, event))
-    planner = RoutePlanner(
-        pool,
-        index,
-        ActiveLoad(),
+    core = build_router_app(
+        model_dir,
+        args.worker,
+        args.served_model_name,
+        max_body_bytes=args.max_body_bytes,
         prefill_policy=args.prefill_policy,
         decode_policy=args.decode_policy,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         session_affinity=not args.no_session_affinity,
     )
+    state, limits, pool = core.state, core.state.limits, core.pool
     pool.start()
-    state = RouterState(Orchestrator(planner, tokenizer), tokenizer, limits, args.max_body_bytes)
 
     grpc_server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), grpc_server)
@@ -114,7 +81,7 @@ async def serve(args: argparse.Namespace) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
 
-    server = uvicorn.Server(http_config(HttpApp(state), args.host, args.port))
+    server = uvicorn.Server(http_config(core.app, args.host, args.port))
     print(
         f"pdrouter router: http://{args.host}:{args.port}/v1  grpc {args.host}:{args.grpc_port}  "
         f"model={limits.model_name}  workers={','.join(args.worker)}",

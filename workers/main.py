@@ -1,4 +1,5 @@
-"""`pdrouter worker`: args -> engine -> gRPC Worker service (+ health, reflection) -> serve."""
+"""`pdrouter worker`: args -> engine -> gRPC Worker service (+ health, reflection) -> serve,
+and with --http-port the OpenAI HTTP API too (a router over just this worker)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +25,9 @@ from workers.kv_agent import KvAgent
 from workers.mock.runner import MockRunner, TimingModel
 from workers.model_files import resolve_model
 from workers.service import VERSION, WorkerService
+
+if TYPE_CHECKING:
+    from router.app import EmbeddedHttp
 
 log = logging.getLogger("pdrouter.worker")
 
@@ -74,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="mock: run N workers in this process on ports PORT..PORT+N-1",
     )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="also serve the OpenAI HTTP API on this port (0: off; N workers use HTTP_PORT..HTTP_PORT+N-1)",
+    )
+    p.add_argument(
+        "--served-model-name", default="", help="model id of the HTTP API (default: the model's name)"
+    )
     return p
 
 
@@ -124,10 +139,19 @@ async def warm_up(engine: Engine) -> None:
         pass
 
 
-class WorkerInstance:
-    """One worker: gRPC server (Worker + health + reflection) and, once loaded, its engine."""
+def _dial_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
-    def __init__(self, args: argparse.Namespace, port: int, worker_id: str) -> None:
+
+class WorkerInstance:
+    """One worker: gRPC server (Worker + health + reflection), once loaded its engine, and
+    optionally its own HTTP API (started after the engine, stopped before the gRPC server)."""
+
+    def __init__(self, args: argparse.Namespace, port: int, worker_id: str, http_port: int = 0) -> None:
         self.args = args
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
@@ -144,6 +168,13 @@ class WorkerInstance:
         worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self.server)
         self.engine: Engine | None = None
         self.kv: KvAgent | None = None
+        self.http_port = http_port
+        self.http: EmbeddedHttp | None = None
+        self.http_sock: socket.socket | None = None
+        if http_port:
+            from router.app import bind_tcp  # NOTE: only a worker serving HTTP imports the router
+
+            self.http_sock = bind_tcp(args.host, http_port)
 
     async def start(self) -> None:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -165,8 +196,23 @@ class WorkerInstance:
         self.service.attach(self.engine, self.kv)
         await self.health.set(self.service_name, health_pb2.HealthCheckResponse.SERVING)
 
+    async def start_http(self, ready_timeout: float = 30.0) -> None:
+        """A router over exactly this worker (same validation, errors, SSE, usage and headers)."""
+        from router.app import EmbeddedHttp, build_router_app
+
+        model_dir = resolve_model(self.args.model)
+        core = build_router_app(
+            model_dir, [f"{_dial_host(self.args.host)}:{self.port}"], self.args.served_model_name
+        )
+        self.http = EmbeddedHttp(core, self.http_sock)
+        await self.http.start(ready_timeout)
+
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
+        elif self.http_sock is not None:
+            self.http_sock.close()
         await self.server.stop(grace)
         if self.kv is not None:
             await self.kv.close()
@@ -178,10 +224,13 @@ async def serve(args: argparse.Namespace) -> None:
     n = max(1, args.num_workers)
     if n > 1 and args.engine != "mock":
         raise SystemExit("--num-workers > 1 is for the mock engine (many simulated workers in one process)")
+    if args.http_port and args.role == "prefill":
+        raise SystemExit("--http-port serves whole requests: use it with --role both or decode")
     instances = []
     for i in range(n):
         port = args.port + i if args.port else 0
-        instances.append(WorkerInstance(args, port, args.worker_id if n == 1 else ""))
+        http_port = args.http_port + i if args.http_port else 0
+        instances.append(WorkerInstance(args, port, args.worker_id if n == 1 else "", http_port))
     for inst in instances:
         await inst.start()
         print(f"pdrouter worker listening {inst.worker_id}", flush=True)
@@ -189,6 +238,13 @@ async def serve(args: argparse.Namespace) -> None:
     for inst in instances:
         model = inst.engine.spec.name if inst.engine else "?"
         print(f"pdrouter worker {inst.worker_id} ready ({args.engine}, {args.role}, {model})", flush=True)
+    await asyncio.gather(*(inst.start_http() for inst in instances if inst.http_port))
+    for inst in instances:
+        if inst.http_port:
+            print(
+                f"pdrouter worker {args.host}:{inst.port} http http://{args.host}:{inst.http_port}/v1",
+                flush=True,
+            )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,181 +1,308 @@
-"""Routing decision time: KvPolicy (index lookup + cost over every candidate) per request.
+"""KV-aware routing on SGLang's "generated shared prefix" workload, policy against policy.
 
-    python -m bench.routing [--quick]
+    python -m bench.routing [--quick] [--sglang] [--workers 8] [--rate R]
 
-A realistic exact index: 32 shared prefix families (system prompts / documents, 512 blocks
-each); every worker holds 4 families to a random depth plus unique blocks, a few thousand
-blocks per worker. Requests follow a family for a random share of their blocks, then
-diverge. Candidates are shaped like WorkerClient (worker_id a property over a protobuf
-InfoResponse, protobuf LoadReports) and the router's ActiveLoad has bookings.
+Workload (SGLang's shape, scaled to this machine): G groups x P prompts; each group shares a
+1,024-token prefix (a system prompt / document) and each prompt adds its own 64-token question;
+64 output tokens each; Poisson arrivals at `--rate` requests/s, groups interleaved at random.
+Served by `--workers` mock workers in one process (`pdrouter worker --engine mock --num-workers N`:
+the real scheduler, block manager and prefix cache, with modelled step times) behind one
+`pdrouter router`, a fresh stack per policy so no policy inherits another's caches:
 
-Reported at 8, 64 and 256 workers, 1k-token (64-block) and 8k-token (512-block) prompts:
-p50/p99 of `Decision.decision_us` (KvPolicy.select: index lookup + cost), of `overlaps()`
-alone, and of `pick_decode` reusing the prefill Decision's overlaps; plus the cost of folding
-KV events in (`KvIndex.store`) and the approximate index's record + lookup.
-The goal (DESIGN.md): well under 1 ms at 256 workers.
+- `kv`           the default: DESIGN.md's cost over the exact KV index from worker events
+- `round_robin`  and `random`: the baselines
+- `oracle`       round robin over groups, then pinned (x-session-id = group): every group's
+                 prefix is computed once, on one worker, and the groups are spread evenly
+- `sglang`       (--sglang) SGLang's model gateway, `cache_aware` policy, in its own virtualenv
+                 (bench/.venvs/sglang-router), in front of the same workers' OpenAI HTTP ports
+
+Per policy: prefix hit rate (cached prompt tokens / prompt tokens, from `usage`), TTFT p50/p99
+and end-to-end latency measured by the client (streaming), and balance (the busiest worker's
+requests / a fair share). The mock's step times default to a GPU-like model (prefill 2 ms +
+0.08 ms per token, decode step 8 ms + 0.15 ms per sequence) so a run takes seconds; pass
+`--mock-timing` (e.g. the output of `pdrouter calibrate`) to model this machine instead.
+Also reported: the routing decision time at 256 workers with ~10k cached blocks each
+(bench.routing_decision's index, the workload's 1k-token prompts).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+
+import openai
 
 from bench.common import headline, pct, save, table
-from pdrouter_proto import worker_pb2 as pb
-from router.kv_index import ApproxKvIndex, KvIndex
-from router.routing import ActiveLoad, KvPolicy
+from bench.routing_decision import run_case
+from tests.procs import Proc, free_port, pdrouter, wait_http_ok
 
-BLOCK_SIZE = 16
-NUM_FAMILIES = 32
-FAMILY_BLOCKS = 512
-FAMILIES_PER_WORKER = 4
-UNIQUE_BLOCKS_PER_WORKER = 1500
+PREFIX_TOKENS = 1024
+QUESTION_TOKENS = 64
+OUTPUT_TOKENS = 64
+GPU_LIKE_TIMING = "2,0.08,0,8,0.15,0"
+POLICIES = ("oracle", "kv", "round_robin", "random")
+SGLANG_VENV = Path(__file__).resolve().parent / ".venvs" / "sglang-router"
 
 
 @dataclass(slots=True)
-class FakeWorker:
-    """Shaped like router.worker_pool.WorkerClient: worker_id is a property over Info."""
-
-    info: pb.InfoResponse
-    load: pb.LoadReport
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id if self.info is not None else ""
+class Request:
+    group: int
+    prompt: list[int]
+    at: float  # seconds after the start
 
 
-def build(num_workers: int, rng: random.Random) -> tuple[KvIndex, list[FakeWorker], list[list[int]]]:
-    families = [[rng.getrandbits(64) for _ in range(FAMILY_BLOCKS)] for _ in range(NUM_FAMILIES)]
-    index = KvIndex()
-    workers = []
-    for i in range(num_workers):
-        wid = f"worker-{i:03d}"
-        for f in rng.sample(range(NUM_FAMILIES), FAMILIES_PER_WORKER):
-            index.store(wid, families[f][: rng.randint(64, FAMILY_BLOCKS)])
-        index.store(wid, [rng.getrandbits(64) for _ in range(UNIQUE_BLOCKS_PER_WORKER)])
-        load = pb.LoadReport(
-            num_running=rng.randint(0, 32),
-            kv_blocks_used=rng.randint(0, 4000),
-            kv_blocks_total=8192,
-            queued_prefill_tokens=rng.randint(0, 8192),
-        )
-        workers.append(FakeWorker(pb.InfoResponse(worker_id=wid), load))
-    return index, workers, families
+@dataclass(slots=True)
+class Result:
+    group: int
+    worker: str
+    ttft: float
+    e2e: float
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
 
 
-def make_request(families: list[list[int]], num_blocks: int, rng: random.Random) -> list[int]:
-    family = rng.choice(families)
-    shared = rng.randint(num_blocks // 2, num_blocks)
-    return family[:shared] + [rng.getrandbits(64) for _ in range(num_blocks - shared)]
-
-
-def run_case(num_workers: int, num_blocks: int, iters: int, seed: int) -> dict[str, float]:
+def workload(groups: int, per_group: int, rate: float, seed: int) -> list[Request]:
     rng = random.Random(seed)
-    index, workers, families = build(num_workers, rng)
-    active = ActiveLoad()
-    for r in range(num_workers * 4):
-        active.add(rng.choice(workers).worker_id, f"bg-{r}", rng.randint(0, 4096), rng.randint(8, 600))
-    policy = KvPolicy(seed=seed, index=index, active=active)
-    requests = [make_request(families, num_blocks, rng) for _ in range(64)]
-    prompt_tokens = num_blocks * BLOCK_SIZE + 7
-    for req in requests[:8]:  # warm-up
-        policy.select(workers, req, prompt_tokens, BLOCK_SIZE)
-    decision, decode, lookup, overlap = [], [], [], []
-    for i in range(iters):
-        req = requests[i % len(requests)]
-        d = policy.select(workers, req, prompt_tokens, BLOCK_SIZE)
-        decision.append(d.decision_us)
-        overlap.append(d.overlap_blocks)
-        decode.append(policy.pick_decode(workers, req, BLOCK_SIZE, overlaps=d.overlaps).decision_us)
-        t0 = time.perf_counter_ns()
-        index.overlaps(req)
-        lookup.append((time.perf_counter_ns() - t0) / 1000)
+    prefixes = [[rng.randrange(1000, 40000) for _ in range(PREFIX_TOKENS)] for _ in range(groups)]
+    order = [g for g in range(groups) for _ in range(per_group)]
+    rng.shuffle(order)
+    t, out = 0.0, []
+    for g in order:
+        t += rng.expovariate(rate)
+        question = [rng.randrange(1000, 40000) for _ in range(QUESTION_TOKENS)]
+        out.append(Request(g, prefixes[g] + question, t))
+    return out
+
+
+class Workers:
+    """N mock workers in one process on consecutive ports (gRPC; OpenAI HTTP when asked)."""
+
+    def __init__(self, tmp: Path, n: int, timing: str, http: bool) -> None:
+        self.grpc = _free_run(n)
+        self.http = _free_run(n) if http else 0
+        argv = pdrouter(
+            "worker", "--engine", "mock", "--num-workers", str(n), "--port", str(self.grpc),
+            "--mock-timing", timing, "--mock-num-blocks", "8192",
+        )  # fmt: skip
+        if http:
+            argv += ["--http-port", str(self.http)]
+        self.proc = Proc(argv, tmp / "workers.log")
+        self.addresses = [f"127.0.0.1:{self.grpc + i}" for i in range(n)]
+        self.http_urls = [f"http://127.0.0.1:{self.http + i}" for i in range(n)] if http else []
+        _wait_log(self.proc, "ready", n, 120)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def _free_run(n: int) -> int:
+    """A base port with n free ports after it (bounded tries)."""
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65000 and all(_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no run of {n} free ports")
+
+
+def _is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_log(proc: Proc, word: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.log().count(word) < count:
+        if not proc.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"workers did not get ready:\n{proc.log()[-3000:]}")
+        time.sleep(0.05)  # readiness poll
+
+
+def start_router(tmp: Path, workers: Workers, policy: str, extra: list[str]) -> tuple[Proc, str]:
+    port = free_port()
+    argv = pdrouter("router", "--port", str(port), "--grpc-port", str(free_port()), *extra)
+    for a in workers.addresses:
+        argv += ["--worker", a]
+    argv += ["--decode-policy", "round_robin" if policy == "oracle" else policy]
+    proc = Proc(argv, tmp / f"router-{policy}.log")
+    base = f"http://127.0.0.1:{port}"
+    wait_http_ok(base + "/ready", proc, 60)
+    # NOTE: /ready means one healthy worker; wait for all of them (the pool's health gauge)
+    deadline = time.monotonic() + 30
+    while _get(base + "/metrics").count("pdrouter_worker_healthy{") < len(workers.addresses):
+        if time.monotonic() > deadline:
+            raise RuntimeError("router did not see every worker")
+        time.sleep(0.05)
+    return proc, base
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def start_sglang(tmp: Path, workers: Workers) -> tuple[subprocess.Popen, str]:
+    py = SGLANG_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(SGLANG_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "sglang-router"], check=True)
+    port = free_port()
+    argv = [str(py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--policy", "cache_aware", "--worker-urls", *workers.http_urls]  # fmt: skip
+    proc = Proc(argv, tmp / "sglang-router.log")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            _get(base + "/health")
+            break
+        except OSError:
+            pass
+        if not proc.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"sglang-router did not start:\n{proc.log()[-3000:]}")
+        time.sleep(0.1)  # readiness poll
+    return proc, base
+
+
+async def run(
+    base: str, requests: list[Request], pin_groups: bool, worker_of: dict[str, str]
+) -> list[Result]:
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+    t0 = time.perf_counter()
+
+    async def one(r: Request) -> Result:
+        await asyncio.sleep(max(0.0, t0 + r.at - time.perf_counter()))  # the arrival schedule
+        start = time.perf_counter()
+        raw = await client.completions.with_raw_response.create(
+            model="default", prompt=r.prompt, max_tokens=OUTPUT_TOKENS, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            extra_headers={"x-session-id": f"group-{r.group}"} if pin_groups else None,
+        )  # fmt: skip
+        route = raw.headers.get("x-pdrouter-route", "")
+        ttft, usage = 0.0, None
+        async for chunk in raw.parse():
+            if not ttft and chunk.choices and chunk.choices[0].text:
+                ttft = time.perf_counter() - start
+            usage = chunk.usage or usage
+        worker = dict(p.split("=", 1) for p in route.split(";") if "=" in p).get("decode", "")
+        details = usage.prompt_tokens_details if usage is not None else None
+        return Result(
+            r.group, worker_of.get(worker, worker), ttft, time.perf_counter() - start,
+            usage.prompt_tokens if usage else 0, (details.cached_tokens or 0) if details else 0,
+            usage.completion_tokens if usage else 0,
+        )  # fmt: skip
+
+    try:
+        return await asyncio.gather(*(one(r) for r in requests))
+    finally:
+        await client.close()
+
+
+def summarize(name: str, results: list[Result], num_workers: int) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    cached = sum(r.cached_tokens for r in results)
+    counts = Counter(r.worker for r in results if r.worker)
+    fair = len(results) / num_workers
+    spread: dict[int, set[str]] = {}
+    for r in results:
+        if r.worker:
+            spread.setdefault(r.group, set()).add(r.worker)
     return {
-        "workers": num_workers,
-        "prompt_tokens": prompt_tokens,
-        "blocks": num_blocks,
-        "index_blocks": index.num_blocks,
-        "index_entries": index.num_entries,
-        "decision_p50_us": pct(decision, 50),
-        "decision_p99_us": pct(decision, 99),
-        "decode_p50_us": pct(decode, 50),
-        "decode_p99_us": pct(decode, 99),
-        "overlaps_p50_us": pct(lookup, 50),
-        "overlaps_p99_us": pct(lookup, 99),
-        "mean_chosen_overlap": sum(overlap) / len(overlap),
-    }
-
-
-def bench_events(iters: int, seed: int) -> float:
-    """ns per hash folded in through `store` (a `stored` event of 32 blocks)."""
-    rng = random.Random(seed)
-    index = KvIndex()
-    batches = [[rng.getrandbits(64) for _ in range(32)] for _ in range(iters)]
-    t0 = time.perf_counter_ns()
-    for i, batch in enumerate(batches):
-        index.store(f"worker-{i % 64:03d}", batch)
-    return (time.perf_counter_ns() - t0) / (iters * 32)
-
-
-def bench_approx(iters: int, seed: int) -> dict[str, float]:
-    """ApproxKvIndex at 256 workers, 8k-token prompts, 100 decisions/s with a 120 s TTL."""
-    rng = random.Random(seed)
-    index = ApproxKvIndex(ttl_s=120.0)
-    families = [[rng.getrandbits(64) for _ in range(FAMILY_BLOCKS)] for _ in range(NUM_FAMILIES)]
-    requests = [make_request(families, FAMILY_BLOCKS, rng) for _ in range(256)]
-    record, lookup = [], []
-    for i in range(3 * iters):
-        now = i * 0.01
-        req = requests[i % len(requests)]
-        t0 = time.perf_counter_ns()
-        index.record(f"worker-{rng.randrange(256):03d}", req, now)
-        t1 = time.perf_counter_ns()
-        index.overlaps(req, now)
-        if i >= 2 * iters:  # NOTE: after warm-up, once entries have started to expire
-            record.append((t1 - t0) / 1000)
-            lookup.append((time.perf_counter_ns() - t1) / 1000)
-    return {
-        "approx_record_p50_us": pct(record, 50),
-        "approx_record_p99_us": pct(record, 99),
-        "approx_overlaps_p50_us": pct(lookup, 50),
-        "approx_overlaps_p99_us": pct(lookup, 99),
-        "approx_entries": index.num_entries,
+        "policy": name,
+        "requests": len(results),
+        "hit_rate": cached / prompt if prompt else 0.0,
+        "ttft_p50_ms": pct([r.ttft for r in results], 50) * 1e3,
+        "ttft_p99_ms": pct([r.ttft for r in results], 99) * 1e3,
+        "e2e_p50_ms": pct([r.e2e for r in results], 50) * 1e3,
+        "max_share": max(counts.values()) / fair if counts else float("nan"),
+        "workers_used": len(counts),
+        "workers_per_group": sum(map(len, spread.values())) / len(spread) if spread else float("nan"),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--per-group", type=int, default=0, help="prompts per group (default 8; --quick 6)")
+    ap.add_argument("--rate", type=float, default=0.0, help="arrivals per second (default: ~70%% load)")
+    ap.add_argument("--mock-timing", default=GPU_LIKE_TIMING)
+    ap.add_argument("--sglang", action="store_true", help="also run SGLang's model gateway (cache_aware)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router-arg", action="append", default=[], help="extra argument for pdrouter router")
+    args = ap.parse_args()
+    per_group = args.per_group or (6 if args.quick else 8)
+    rate = args.rate or 24.0
+    requests = workload(args.groups, per_group, rate, args.seed)
+    policies = [*POLICIES, *(["sglang"] if args.sglang else [])]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pdrouter-bench-routing-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        for policy in policies:
+            workers = Workers(tmp, args.workers, args.mock_timing, http=policy == "sglang")
+            try:
+                if policy == "sglang":
+                    proc, base = start_sglang(tmp, workers)
+                else:
+                    proc, base = start_router(tmp, workers, policy, args.router_arg)
+                worker_of = {a: f"w{i}" for i, a in enumerate(workers.addresses)}
+                try:
+                    results = asyncio.run(run(base, requests, policy == "oracle", worker_of))
+                finally:
+                    proc.stop()
+            finally:
+                workers.stop()
+            rows.append(summarize(policy, results, args.workers))
+            print(f"{policy}: done", file=sys.stderr)
+    decision = run_case(
+        256, PREFIX_TOKENS // 16 + QUESTION_TOKENS // 16, 300 if args.quick else 2000, args.seed
     )
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (CI smoke run)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    iters = 300 if args.quick else 3000
-    rows = [
-        run_case(w, blocks, iters, args.seed) for w in (8, 64, 256) for blocks in (64, 512)
-    ]  # fmt: skip
-    headers = ["workers", "prompt_tokens", "index_entries", "decision_p50_us", "decision_p99_us",
-               "overlaps_p50_us", "overlaps_p99_us", "decode_p50_us", "decode_p99_us",
-               "mean_chosen_overlap"]  # fmt: skip
-    print(table(headers, [[r[h] for h in headers] for r in rows]))
-    store_ns = bench_events(2000 if args.quick else 20000, args.seed)
-    print(f"KvIndex.store: {store_ns:.0f} ns per block hash")
-    approx = bench_approx(2000 if args.quick else 6000, args.seed)
+    headers = ["policy", "requests", "hit_rate", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "max_share",
+               "workers_used", "workers_per_group"]  # fmt: skip
     print(
-        "ApproxKvIndex, 256 workers, 8k-token prompts: "
-        + ", ".join(f"{k} {v:.1f}" for k, v in approx.items())
+        f"{args.groups} groups x {per_group} prompts, {PREFIX_TOKENS}+{QUESTION_TOKENS} tokens in, "
+        f"{OUTPUT_TOKENS} out, {rate:g} req/s Poisson, {args.workers} mock workers ({args.mock_timing})"
     )
-    at_256 = [r for r in rows if r["workers"] == 256]
+    print(table(headers, [[r[h] for h in headers] for r in rows]))
+    print(
+        "routing decision, 256 workers x ~10k blocks, 1k-token prompt: "
+        f"p50 {decision['decision_p50_us']:.0f} us, p99 {decision['decision_p99_us']:.0f} us"
+    )
+    by = {r["policy"]: r for r in rows}
     figures = {
-        "decision_p50_us_256_workers": max(r["decision_p50_us"] for r in at_256),
-        "decision_p99_us_256_workers": max(r["decision_p99_us"] for r in at_256),
-        "decision_p99_us_256_workers_1k": at_256[0]["decision_p99_us"],
-        "decision_p99_us_256_workers_8k": at_256[1]["decision_p99_us"],
-        "store_ns_per_block": round(store_ns, 1),
+        "hit_rate_kv": round(by["kv"]["hit_rate"], 4),
+        "hit_rate_oracle": round(by["oracle"]["hit_rate"], 4),
+        "hit_rate_vs_oracle": round(by["kv"]["hit_rate"] / by["oracle"]["hit_rate"], 3),
+        "ttft_p50_speedup_vs_round_robin": round(
+            by["round_robin"]["ttft_p50_ms"] / by["kv"]["ttft_p50_ms"], 2
+        ),
+        "ttft_p50_speedup_vs_random": round(by["random"]["ttft_p50_ms"] / by["kv"]["ttft_p50_ms"], 2),
+        "max_share_kv": round(by["kv"]["max_share"], 2),
+        "decision_p99_us_256_workers": round(decision["decision_p99_us"], 1),
     }
-    path = save("routing", {"quick": args.quick, "iters": iters, "rows": rows, **approx, **figures})
+    if "sglang" in by:
+        figures["hit_rate_vs_sglang"] = round(by["kv"]["hit_rate"] / max(by["sglang"]["hit_rate"], 1e-9), 3)
+        figures["ttft_p50_speedup_vs_sglang"] = round(
+            by["sglang"]["ttft_p50_ms"] / by["kv"]["ttft_p50_ms"], 2
+        )
+    path = save("routing", {"quick": args.quick, "rate": rate, "timing": args.mock_timing, "rows": rows,
+                            **figures})  # fmt: skip
     print(f"wrote {path}")
     headline(figures)
 

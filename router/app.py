@@ -22,7 +22,7 @@ from router.kv_index import KvIndex
 from router.orchestrator import Orchestrator
 from router.requests import Limits
 from router.route_planner import RoutePlanner
-from router.routing import ActiveLoad
+from router.routing import DEFAULT_OVERLAP_WEIGHT, ActiveLoad
 from router.tokenizer import Tokenizer
 from router.worker_pool import WorkerPool
 
@@ -67,6 +67,7 @@ def build_router_app(
     decode_policy: str = "kv",
     local_prefill_max_tokens: int = 512,
     session_affinity: bool = True,
+    overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
 ) -> RouterApp:
     """Everything between the HTTP/gRPC front ends and the workers; the caller starts the pool."""
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -80,6 +81,7 @@ def build_router_app(
         decode_policy=decode_policy,
         local_prefill_max_tokens=local_prefill_max_tokens,
         session_affinity=session_affinity,
+        overlap_weight=overlap_weight,
     )
     limits = model_limits(model_dir, served_model_name)
     state = RouterState(Orchestrator(planner, tokenizer), tokenizer, limits, max_body_bytes)

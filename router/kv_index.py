@@ -251,3 +251,32 @@ class ApproxKvIndex(_SlotIndex):
                 heapq.heappush(due, (next(iter(held.values())), slot))
             else:
                 self._queued.discard(slot)
+
+
+class PendingKvIndex:
+    """The exact index plus what this router has just sent where.
+
+    Events say what a worker holds once it has computed it; a burst of requests sharing a new
+    prefix arrives before that, and would scatter over workers that all look empty. So each
+    routed prompt is also recorded for the worker that will compute (or import) it, for
+    `ttl_s` (the events take over long before); overlap = max(exact, pending) per worker.
+    """
+
+    def __init__(self, exact: KvIndex, ttl_s: float = 10.0) -> None:
+        self.exact = exact
+        self.pending = ApproxKvIndex(ttl_s=ttl_s)
+
+    def overlaps(self, block_hashes: Sequence[int]) -> dict[str, int]:
+        out = self.exact.overlaps(block_hashes)
+        for worker_id, n in self.pending.overlaps(block_hashes).items():
+            if n > out.get(worker_id, 0):
+                out[worker_id] = n
+        return out
+
+    def record(self, worker_id: str, block_hashes: Sequence[int]) -> None:
+        if block_hashes:
+            self.pending.record(worker_id, block_hashes)
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.exact.remove_worker(worker_id)
+        self.pending.remove_worker(worker_id)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from pdrouter_proto import inference_pb2, inference_pb2_grpc
 from router.app import build_router_app, http_config
 from router.grpc_api import InferenceService
-from router.routing import POLICY_NAMES
+from router.routing import DEFAULT_OVERLAP_WEIGHT, POLICY_NAMES
 from workers.model_files import resolve_model
 
 log = logging.getLogger("pdrouter.router")
@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="the decode worker prefills locally (aggregated) when it would compute at most this many tokens",
     )
+    p.add_argument(
+        "--kv-overlap-weight",
+        type=float,
+        default=DEFAULT_OVERLAP_WEIGHT,
+        help="kv policy: weight of prefill work against KV blocks in use (higher: stick to cached prefixes)",
+    )
     p.add_argument("--no-session-affinity", action="store_true", help="ignore the x-session-id header")
     return p
 
@@ -63,6 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
         decode_policy=args.decode_policy,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         session_affinity=not args.no_session_affinity,
+        overlap_weight=args.kv_overlap_weight,
     )
     state, limits, pool = core.state, core.state.limits, core.pool
     pool.start()

@@ -8,12 +8,22 @@ DESIGN.md's cost -> book the expected load on both, so a burst does not pile ont
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from kvtransfer.blocks import sequence_block_hashes
 from router.errors import ApiError
-from router.kv_index import KvIndex
-from router.routing import ActiveLoad, Decision, Policy, SessionAffinity, make_policy, pick_decode
+from router.kv_index import KvIndex, PendingKvIndex
+from router.routing import (
+    DEFAULT_OVERLAP_WEIGHT,
+    ActiveLoad,
+    Decision,
+    KvPolicy,
+    Policy,
+    SessionAffinity,
+    make_policy,
+    pick_decode,
+)
 from router.worker_pool import WorkerClient, WorkerPool
 
 
@@ -39,6 +49,9 @@ def no_worker(role: str) -> ApiError:
         None,
         "no_healthy_worker",
     )
+
+
+log = logging.getLogger("pdrouter.router.planner")
 
 
 class KvDecodePolicy:
@@ -68,18 +81,30 @@ class RoutePlanner:
         local_prefill_max_tokens: int = 512,
         session_affinity: bool = True,
         seed: int | None = None,
+        overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
     ) -> None:
         self.pool = pool
-        self.index = index
+        self.index = PendingKvIndex(index)
+        index = self.index  # type: ignore[assignment]  # NOTE: every policy sees pending routes too
         self.active = active
         self.local_prefill_max_tokens = local_prefill_max_tokens
-        self.prefill_policy: Policy = make_policy(prefill_policy, index=index, active=active, seed=seed)
+        self.prefill_policy: Policy = make_policy(
+            prefill_policy, index=index, active=active, seed=seed, overlap_weight=overlap_weight
+        )
+        # NOTE: with `kv`, a decode worker that will also prefill (no prefill pool to hand the
+        # prompt to) is chosen by the prefill cost: computing the prompt is most of its work.
         decode: Policy
+        local: Policy
         if decode_policy == "kv":
             decode = KvDecodePolicy(index, active)
+            local = KvPolicy(overlap_weight, seed=seed, index=index, active=active)
         else:
-            decode = make_policy(decode_policy, index=index, active=active, seed=seed)
-        self.decode_policy: Policy = SessionAffinity(decode) if session_affinity else decode
+            decode = local = make_policy(decode_policy, index=index, active=active, seed=seed)
+        if session_affinity:
+            decode = SessionAffinity(decode)
+            local = SessionAffinity(local, sessions=decode._sessions)
+        self.decode_policy: Policy = decode
+        self.local_policy: Policy = local
 
     def block_hashes(self, prompt: list[int]) -> list[int]:
         return sequence_block_hashes(prompt, self.pool.block_size)
@@ -90,16 +115,28 @@ class RoutePlanner:
         decoders = self.pool.healthy("decode")
         if not decoders:
             raise no_worker("decode")
-        decode = self.decode_policy.select(decoders, hashes, len(prompt), bs, session_id or None)
+        prefillers = [w for w in self.pool.healthy("prefill") if w.role == "prefill"]
+        policy = self.decode_policy if prefillers else self.local_policy
+        decode = policy.select(decoders, hashes, len(prompt), bs, session_id or None)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s -> %s by %s, overlaps %s, scores %s",
+                request_id,
+                decode.worker_id,
+                decode.policy,
+                decode.overlaps,
+                decode.scores,
+            )
         held = decode.overlap_blocks
         local_tokens = len(prompt) - held * bs
-        prefillers = [w for w in self.pool.healthy("prefill") if w.role == "prefill"]
-        decode_blocks = -(-(len(prompt) + max_tokens) // bs)
+        decode_blocks = -(-(len(prompt) + max_tokens) // bs) - held  # NOTE: held blocks are shared
         us = decode.decision_us
+        self.index.record(decode.worker_id, hashes)
         if local_tokens <= self.local_prefill_max_tokens or not prefillers:
             self.active.add(decode.worker_id, request_id, local_tokens, decode_blocks)
             return Route("aggregated", decode.worker, None, held, held, us)
         pre = self.prefill_policy.select(prefillers, hashes, len(prompt), bs)
+        self.index.record(pre.worker_id, hashes)
         new_tokens = len(prompt) - pre.overlap_blocks * bs
         self.active.add(pre.worker_id, request_id, new_tokens, 0)
         self.active.add(decode.worker_id, request_id, 0, decode_blocks)

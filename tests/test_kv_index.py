@@ -156,3 +156,19 @@ def test_approx_remove_worker_and_slot_reuse() -> None:
     assert index.overlaps([3], now=14.0) == {"b": 1}
     assert index.overlaps([3], now=15.0) == {}
     assert index.num_blocks == 0
+
+
+def test_pending_routes_count_until_events_arrive() -> None:
+    """A burst sharing a new prefix: the router's own routes stand in for the events to come."""
+    from router.kv_index import PendingKvIndex
+
+    exact = KvIndex()
+    index = PendingKvIndex(exact, ttl_s=10.0)
+    hashes = [11, 12, 13, 14]
+    assert index.overlaps(hashes) == {}
+    index.record("w1", hashes[:3])
+    assert index.overlaps(hashes) == {"w1": 3}
+    exact.store("w2", hashes)  # events from another worker: the max per worker wins
+    assert index.overlaps(hashes) == {"w1": 3, "w2": 4}
+    index.remove_worker("w1")
+    assert index.overlaps(hashes) == {"w2": 4}

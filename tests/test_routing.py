@@ -74,19 +74,33 @@ def test_drop_worker_keeps_the_other_leg_of_a_request() -> None:
 
 
 def test_kv_cost_formula_on_hand_computed_numbers() -> None:
-    a, b = FakeWorker("a"), FakeWorker("b", pb.LoadReport(queued_prefill_tokens=16, kv_blocks_used=3))
+    a, b = FakeWorker("a"), FakeWorker("b", pb.LoadReport(queued_prefill_tokens=16, kv_blocks_used=2))
     active = ActiveLoad()
     active.add("a", "r0", prefill_tokens=32, decode_blocks=10)
     index = make_index(a=[1, 2, 3, 4])
-    hashes, prompt = [1, 2, 3, 4, 5, 6], 100
-    # a: (32 + 100 - 4*16) / 16 + 10 = 14.25;  b: (16 + 100 - 0) / 16 + 3 = 10.25
-    d = KvPolicy(index=index, active=active).select([a, b], hashes, prompt, BS)
-    assert (d.worker_id, d.cost, d.overlap_blocks) == ("b", 10.25, 0)
-    assert d.scores == {"a": 14.25, "b": 10.25} and d.overlaps == {"a": 4}
+    hashes, prompt = [1, 2, 3, 4, 5, 6], 100  # 7 blocks
+    # a: (32 + 100 - 4*16) / 16 + 10 + (7 - 4) = 17.25;  b: (16 + 100 - 0) / 16 + 2 + 7 = 16.25
+    d = KvPolicy(overlap_weight=1.0, index=index, active=active).select([a, b], hashes, prompt, BS)
+    assert (d.worker_id, d.cost, d.overlap_blocks) == ("b", 16.25, 0)
+    assert d.scores == {"a": 17.25, "b": 16.25} and d.overlaps == {"a": 4}
     assert d.decision_us > 0 and d.policy == "kv"
-    # overlap_weight 3: a = 3 * 4.25 + 10 = 22.75;  b = 3 * 7.25 + 3 = 24.75
+    # overlap_weight 3 weighs the request's own prefill only:
+    # a = 32/16 + 3 * (100 - 64)/16 + 10 + 3 = 21.75;  b = 16/16 + 3 * 100/16 + 2 + 7 = 28.75
     d = KvPolicy(overlap_weight=3.0, index=index, active=active).select([a, b], hashes, prompt, BS)
-    assert (d.worker_id, d.cost, d.overlap_blocks, d.scores["b"]) == ("a", 22.75, 4, 24.75)
+    assert (d.worker_id, d.cost, d.overlap_blocks, d.scores["b"]) == ("a", 21.75, 4, 28.75)
+
+
+def test_prefix_holder_keeps_its_group_while_busy_with_it() -> None:
+    """A shared 64-block prefix + 4 own blocks: the holder, busy with 3 requests of the group
+    (64 + 3 * 8 unique blocks in use), still beats an idle worker that would compute all 68."""
+    hashes = list(range(500, 568))
+    holder = FakeWorker("holder", pb.LoadReport(kv_blocks_used=64 + 3 * 8))
+    idle = FakeWorker("idle")
+    d = KvPolicy(overlap_weight=1.0, index=make_index(holder=hashes[:64])).select(
+        [holder, idle], hashes, 68 * BS, BS
+    )
+    # holder: 4 + 88 + 4 = 96;  idle: 68 + 0 + 68 = 136
+    assert (d.worker_id, d.scores) == ("holder", {"holder": 96.0, "idle": 136.0})
 
 
 def test_with_no_load_the_longest_cached_prefix_wins() -> None:
@@ -99,14 +113,15 @@ def test_with_no_load_the_longest_cached_prefix_wins() -> None:
 def test_burst_of_identical_prefixes_spreads_once_load_outweighs_the_cache() -> None:
     """64 requests of 1024 cached tokens (64 blocks) + 128 output tokens -> 72 decode blocks.
 
-    The cached worker w0 computes nothing, so its cost after k requests is 72k; any other
-    worker's is 64 + (64 + 72)k. Greedy lowest-cost picks keep every worker's cost before its
-    last pick at or below every other worker's final cost; with 64 requests that allows only
-    w0 in [13, 17] and the others in [6, 8] (the fluid optimum is 14.3 vs 7.1).
+    With overlap_weight 1: the cached worker w0 computes nothing and adds no blocks, so its
+    cost after k requests is 72k; any other worker's is 64 (prefill) + 64 (new blocks) +
+    (64 + 72)k. Greedy lowest-cost picks keep every worker's cost before its last pick at or
+    below every other worker's final cost; with 64 requests that allows only w0 in [13, 17]
+    and the others in [6, 8] (the fluid optimum is 15.0 vs 7.0).
     """
     workers, hashes = make_workers(8), list(range(100, 164))
     active = ActiveLoad()
-    policy = KvPolicy(seed=1, index=make_index(w0=hashes), active=active)
+    policy = KvPolicy(overlap_weight=1.0, seed=1, index=make_index(w0=hashes), active=active)
     counts: Counter[str] = Counter()
     for r in range(64):
         d = policy.select(workers, hashes, 64 * BS, BS)
@@ -114,7 +129,7 @@ def test_burst_of_identical_prefixes_spreads_once_load_outweighs_the_cache() -> 
         counts[d.worker_id] += 1
 
     def cost(worker_id: str, k: int) -> int:
-        return 72 * k if worker_id == "w0" else 64 + 136 * k
+        return 72 * k if worker_id == "w0" else 128 + 136 * k
 
     assert 13 <= counts["w0"] <= 17
     assert all(6 <= counts[w.worker_id] <= 8 for w in workers[1:])

@@ -3,7 +3,8 @@
     python -m bench.routing [--quick] [--sglang] [--workers 8] [--rate R]
 
 Workload (SGLang's shape, scaled to this machine): G groups x P prompts; each group shares a
-1,024-token prefix (a system prompt / document) and each prompt adds its own 64-token question;
+1,024-token prefix (a system prompt / document) and each prompt adds its own ~64-token question
+(random words, as text: SGLang's gateway routes on text);
 64 output tokens each; Poisson arrivals at `--rate` requests/s, groups interleaved at random.
 Served by `--workers` mock workers in one process (`pdrouter worker --engine mock --num-workers N`:
 the real scheduler, block manager and prefix cache, with modelled step times) behind one
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import random
 import subprocess
 import sys
@@ -43,20 +46,23 @@ import openai
 
 from bench.common import headline, pct, save, table
 from bench.routing_decision import run_case
+from router.tokenizer import Tokenizer
 from tests.procs import Proc, free_port, pdrouter, wait_http_ok
+from workers.model_files import resolve_model
 
 PREFIX_TOKENS = 1024
 QUESTION_TOKENS = 64
-OUTPUT_TOKENS = 64
+OUTPUT_TOKENS = 64  # --output-tokens
 GPU_LIKE_TIMING = "2,0.08,0,8,0.15,0"
 POLICIES = ("oracle", "kv", "round_robin", "random")
+SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "do", "zu", "ra", "fe", "gi", "ho", "wa")
 SGLANG_VENV = Path(__file__).resolve().parent / ".venvs" / "sglang-router"
 
 
 @dataclass(slots=True)
 class Request:
     group: int
-    prompt: list[int]
+    prompt: str
     at: float  # seconds after the start
 
 
@@ -71,38 +77,62 @@ class Result:
     output_tokens: int
 
 
+def _text(rng: random.Random, tokenizer: Tokenizer, num_tokens: int) -> str:
+    """Random words up to about `num_tokens` tokens (text: SGLang's gateway routes on text)."""
+    words: list[str] = []
+    while len(tokenizer.encode(" ".join(words))) < num_tokens:
+        words += [f"{rng.choice(SYLLABLES)}{rng.choice(SYLLABLES)}" for _ in range(16)]
+    while len(tokenizer.encode(" ".join(words))) > num_tokens:
+        words.pop()
+    return " ".join(words)
+
+
 def workload(groups: int, per_group: int, rate: float, seed: int) -> list[Request]:
     rng = random.Random(seed)
-    prefixes = [[rng.randrange(1000, 40000) for _ in range(PREFIX_TOKENS)] for _ in range(groups)]
+    tokenizer = Tokenizer.from_dir(resolve_model("default"))
+    prefixes = [_text(rng, tokenizer, PREFIX_TOKENS) for _ in range(groups)]
     order = [g for g in range(groups) for _ in range(per_group)]
     rng.shuffle(order)
     t, out = 0.0, []
     for g in order:
         t += rng.expovariate(rate)
-        question = [rng.randrange(1000, 40000) for _ in range(QUESTION_TOKENS)]
-        out.append(Request(g, prefixes[g] + question, t))
+        out.append(Request(g, prefixes[g] + "\n\nQuestion: " + _text(rng, tokenizer, QUESTION_TOKENS), t))
     return out
 
 
 class Workers:
-    """N mock workers in one process on consecutive ports (gRPC; OpenAI HTTP when asked)."""
+    """The workers on consecutive ports (gRPC; OpenAI HTTP when asked): N mock workers in one
+    process, or N real-model workers, one process each, sharing this machine's cores."""
 
-    def __init__(self, tmp: Path, n: int, timing: str, http: bool) -> None:
+    def __init__(self, tmp: Path, n: int, timing: str, http: bool, engine: str = "mock") -> None:
         self.grpc = _free_run(n)
         self.http = _free_run(n) if http else 0
-        argv = pdrouter(
-            "worker", "--engine", "mock", "--num-workers", str(n), "--port", str(self.grpc),
-            "--mock-timing", timing, "--mock-num-blocks", "8192",
-        )  # fmt: skip
-        if http:
-            argv += ["--http-port", str(self.http)]
-        self.proc = Proc(argv, tmp / "workers.log")
+        self.procs: list[Proc] = []
+        if engine == "mock":
+            argv = pdrouter(
+                "worker", "--engine", "mock", "--num-workers", str(n), "--port", str(self.grpc),
+                "--mock-timing", timing, "--mock-num-blocks", "8192",
+            )  # fmt: skip
+            self.procs.append(Proc(argv + self._http_args(0, http), tmp / "workers.log"))
+        else:
+            threads = str(max(1, (os.cpu_count() or 1) // n))
+            for i in range(n):
+                argv = pdrouter(
+                    "worker", "--engine", engine, "--port", str(self.grpc + i), "--threads", threads
+                )
+                self.procs.append(Proc(argv + self._http_args(i, http), tmp / f"worker-{i}.log"))
         self.addresses = [f"127.0.0.1:{self.grpc + i}" for i in range(n)]
         self.http_urls = [f"http://127.0.0.1:{self.http + i}" for i in range(n)] if http else []
-        _wait_log(self.proc, "ready", n, 120)
+        word = " http http://" if http else " ready ("
+        for proc in self.procs:
+            _wait_log(proc, word, n if engine == "mock" else 1, 300)
+
+    def _http_args(self, i: int, http: bool) -> list[str]:
+        return ["--http-port", str(self.http + i)] if http else []
 
     def stop(self) -> None:
-        self.proc.stop()
+        for proc in self.procs:
+            proc.stop()
 
 
 def _free_run(n: int) -> int:
@@ -156,31 +186,34 @@ def _get(url: str) -> str:
         return r.read().decode()
 
 
-def start_sglang(tmp: Path, workers: Workers) -> tuple[subprocess.Popen, str]:
+def start_sglang(tmp: Path, workers: Workers) -> tuple[Proc, str]:
     py = SGLANG_VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(SGLANG_VENV)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "sglang-router"], check=True)
     port = free_port()
     argv = [str(py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-            "--policy", "cache_aware", "--worker-urls", *workers.http_urls]  # fmt: skip
+            "--policy", "cache_aware", "--prometheus-port", str(free_port()),
+            "--worker-urls", *workers.http_urls]  # fmt: skip
     proc = Proc(argv, tmp / "sglang-router.log")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    # NOTE: it registers workers in the background: ready once /workers lists them all healthy
+    deadline = time.monotonic() + 90
     while True:
         try:
-            _get(base + "/health")
-            break
-        except OSError:
+            listed = json.loads(_get(base + "/workers")).get("workers", [])
+            if sum(1 for w in listed if w.get("is_healthy")) == len(workers.http_urls):
+                break
+        except (OSError, ValueError):
             pass
         if not proc.alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"sglang-router did not start:\n{proc.log()[-3000:]}")
-        time.sleep(0.1)  # readiness poll
+            raise RuntimeError(f"sglang-router did not get ready:\n{proc.log()[-3000:]}")
+        time.sleep(0.2)  # readiness poll
     return proc, base
 
 
 async def run(
-    base: str, requests: list[Request], pin_groups: bool, worker_of: dict[str, str]
+    base: str, requests: list[Request], pin_groups: bool, worker_of: dict[str, str], output_tokens: int
 ) -> list[Result]:
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
     t0 = time.perf_counter()
@@ -189,7 +222,7 @@ async def run(
         await asyncio.sleep(max(0.0, t0 + r.at - time.perf_counter()))  # the arrival schedule
         start = time.perf_counter()
         raw = await client.completions.with_raw_response.create(
-            model="default", prompt=r.prompt, max_tokens=OUTPUT_TOKENS, temperature=0, stream=True,
+            model="default", prompt=r.prompt, max_tokens=output_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             extra_headers={"x-session-id": f"group-{r.group}"} if pin_groups else None,
         )  # fmt: skip
@@ -245,17 +278,20 @@ def main() -> None:
     ap.add_argument("--mock-timing", default=GPU_LIKE_TIMING)
     ap.add_argument("--sglang", action="store_true", help="also run SGLang's model gateway (cache_aware)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine", choices=["mock", "hf"], default="mock", help="hf: real-model workers")
+    ap.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS)
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset to run")
     ap.add_argument("--router-arg", action="append", default=[], help="extra argument for pdrouter router")
     args = ap.parse_args()
     per_group = args.per_group or (6 if args.quick else 8)
     rate = args.rate or 24.0
     requests = workload(args.groups, per_group, rate, args.seed)
-    policies = [*POLICIES, *(["sglang"] if args.sglang else [])]
+    policies = [*args.policies.split(","), *(["sglang"] if args.sglang else [])]
     rows = []
     with tempfile.TemporaryDirectory(prefix="pdrouter-bench-routing-") as tmp_dir:
         tmp = Path(tmp_dir)
         for policy in policies:
-            workers = Workers(tmp, args.workers, args.mock_timing, http=policy == "sglang")
+            workers = Workers(tmp, args.workers, args.mock_timing, policy == "sglang", args.engine)
             try:
                 if policy == "sglang":
                     proc, base = start_sglang(tmp, workers)
@@ -263,7 +299,9 @@ def main() -> None:
                     proc, base = start_router(tmp, workers, policy, args.router_arg)
                 worker_of = {a: f"w{i}" for i, a in enumerate(workers.addresses)}
                 try:
-                    results = asyncio.run(run(base, requests, policy == "oracle", worker_of))
+                    results = asyncio.run(
+                        run(base, requests, policy == "oracle", worker_of, args.output_tokens)
+                    )
                 finally:
                     proc.stop()
             finally:
@@ -277,7 +315,8 @@ def main() -> None:
                "workers_used", "workers_per_group"]  # fmt: skip
     print(
         f"{args.groups} groups x {per_group} prompts, {PREFIX_TOKENS}+{QUESTION_TOKENS} tokens in, "
-        f"{OUTPUT_TOKENS} out, {rate:g} req/s Poisson, {args.workers} mock workers ({args.mock_timing})"
+        f"{args.output_tokens} out, {rate:g} req/s Poisson, {args.workers} {args.engine} workers"
+        + (f" ({args.mock_timing})" if args.engine == "mock" else "")
     )
     print(table(headers, [[r[h] for h in headers] for r in rows]))
     print(
@@ -285,24 +324,23 @@ def main() -> None:
         f"p50 {decision['decision_p50_us']:.0f} us, p99 {decision['decision_p99_us']:.0f} us"
     )
     by = {r["policy"]: r for r in rows}
-    figures = {
-        "hit_rate_kv": round(by["kv"]["hit_rate"], 4),
-        "hit_rate_oracle": round(by["oracle"]["hit_rate"], 4),
-        "hit_rate_vs_oracle": round(by["kv"]["hit_rate"] / by["oracle"]["hit_rate"], 3),
-        "ttft_p50_speedup_vs_round_robin": round(
-            by["round_robin"]["ttft_p50_ms"] / by["kv"]["ttft_p50_ms"], 2
-        ),
-        "ttft_p50_speedup_vs_random": round(by["random"]["ttft_p50_ms"] / by["kv"]["ttft_p50_ms"], 2),
-        "max_share_kv": round(by["kv"]["max_share"], 2),
-        "decision_p99_us_256_workers": round(decision["decision_p99_us"], 1),
-    }
-    if "sglang" in by:
-        figures["hit_rate_vs_sglang"] = round(by["kv"]["hit_rate"] / max(by["sglang"]["hit_rate"], 1e-9), 3)
-        figures["ttft_p50_speedup_vs_sglang"] = round(
-            by["sglang"]["ttft_p50_ms"] / by["kv"]["ttft_p50_ms"], 2
-        )
-    path = save("routing", {"quick": args.quick, "rate": rate, "timing": args.mock_timing, "rows": rows,
-                            **figures})  # fmt: skip
+    figures: dict[str, float] = {"decision_p99_us_256_workers": round(decision["decision_p99_us"], 1)}
+    if "kv" in by:
+        kv = by["kv"]
+        figures |= {"hit_rate_kv": round(kv["hit_rate"], 4), "max_share_kv": round(kv["max_share"], 2)}
+        if "oracle" in by:
+            figures["hit_rate_oracle"] = round(by["oracle"]["hit_rate"], 4)
+            figures["hit_rate_vs_oracle"] = round(kv["hit_rate"] / by["oracle"]["hit_rate"], 3)
+        for other in ("round_robin", "random", "sglang"):
+            if other in by:
+                figures[f"ttft_p50_speedup_vs_{other}"] = round(
+                    by[other]["ttft_p50_ms"] / kv["ttft_p50_ms"], 2
+                )
+        if "sglang" in by:
+            figures["hit_rate_vs_sglang"] = round(kv["hit_rate"] / max(by["sglang"]["hit_rate"], 1e-9), 3)
+    name = "routing" if args.engine == "mock" else f"routing_{args.engine}"
+    meta = {"quick": args.quick, "engine": args.engine, "rate": rate, "timing": args.mock_timing}
+    path = save(name, {**meta, "rows": rows, **figures})
     print(f"wrote {path}")
     headline(figures)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: pdrouter {serve,router,worker} [options]
+USAGE = """usage: pdrouter {serve,router,worker,calibrate} [options]
 
-  serve    start router + workers on this machine (the whole stack)
-  router   run the router (OpenAI HTTP + gRPC front door) over --worker addresses
-  worker   run one worker (gRPC Worker service over the hf or mock engine)
+  serve      start router + workers on this machine (the whole stack)
+  router     run the router (OpenAI HTTP + gRPC front door) over --worker addresses
+  worker     run one worker (gRPC Worker service over the hf or mock engine)
+  calibrate  time the real engine on this machine and fit the mock engine's --mock-timing
 
 'pdrouter COMMAND --help' shows a command's options."""
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
         from router.main import main as run
     elif command == "worker":
         from workers.main import main as run
+    elif command == "calibrate":
+        from workers.calibrate import main as run
     else:
         print(f"pdrouter: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)

@@ -93,13 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_timing(text: str, token_delay_ms: float) -> TimingModel:
+    """'' -> a fixed decode delay; 'a,b,c,d,e,f'; or the JSON file written by `pdrouter calibrate`."""
     if not text:
         return TimingModel(d=token_delay_ms)
+    path = os.path.expanduser(text)
+    if os.path.isfile(path):
+        import msgspec  # NOTE: loaded already (TimingModel is a msgspec struct)
+
+        try:
+            with open(path, "rb") as fh:
+                return msgspec.json.decode(fh.read(), type=TimingModel)
+        except msgspec.DecodeError as exc:
+            raise SystemExit(f"--mock-timing {text}: not a timing model JSON file ({exc})") from exc
     try:
         a, b, c, d, e, f = (float(x) for x in text.split(","))
     except ValueError as exc:
         raise SystemExit(
-            f"--mock-timing wants six comma-separated numbers a,b,c,d,e,f; got {text!r}"
+            f"--mock-timing wants six comma-separated numbers a,b,c,d,e,f or a JSON file; got {text!r}"
         ) from exc
     return TimingModel(a=a, b=b, c=c, d=d, e=e, f=f)
 

@@ -24,7 +24,7 @@ from router.requests import Limits
 from router.route_planner import RoutePlanner
 from router.routing import DEFAULT_OVERLAP_WEIGHT, ActiveLoad
 from router.tokenizer import Tokenizer
-from router.worker_pool import WorkerPool
+from router.worker_pool import WorkerClient, WorkerPool
 
 
 def model_limits(model_dir: Path, served_name: str) -> Limits:
@@ -72,11 +72,19 @@ def build_router_app(
     """Everything between the HTTP/gRPC front ends and the workers; the caller starts the pool."""
     tokenizer = Tokenizer.from_dir(model_dir)
     index = KvIndex()
-    pool = WorkerPool(worker_addresses, on_event=lambda w, event: index.apply(w.worker_id, event))
+    active = ActiveLoad()
+
+    def forget(w: WorkerClient) -> None:
+        planner.index.remove_worker(w.worker_id)
+        active.drop_worker(w.worker_id)
+
+    pool = WorkerPool(
+        worker_addresses, on_event=lambda w, event: index.apply(w.worker_id, event), on_down=forget
+    )
     planner = RoutePlanner(
         pool,
         index,
-        ActiveLoad(),
+        active,
         prefill_policy=prefill_policy,
         decode_policy=decode_policy,
         local_prefill_max_tokens=local_prefill_max_tokens,

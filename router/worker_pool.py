@@ -63,10 +63,14 @@ class WorkerClient:
 
 class WorkerPool:
     def __init__(
-        self, addresses: list[str], on_event: Callable[[WorkerClient, pb.WorkerEvent], None] | None = None
+        self,
+        addresses: list[str],
+        on_event: Callable[[WorkerClient, pb.WorkerEvent], None] | None = None,
+        on_down: Callable[[WorkerClient], None] | None = None,
     ):
         self.workers = [WorkerClient(a) for a in addresses]
         self.on_event = on_event
+        self.on_down = on_down  # a worker went unhealthy: forget what it held (its snapshot refills)
         self.block_size = 16  # settled by the first worker's Info; every worker must agree
         self._block_size_known = False
         self._changed = asyncio.Event()
@@ -104,6 +108,8 @@ class WorkerPool:
     def _set_health(self, w: WorkerClient, healthy: bool) -> None:
         if w.healthy != healthy:
             log.info("worker %s is %s", w.address, "healthy" if healthy else "unhealthy")
+            if not healthy and self.on_down is not None:
+                self.on_down(w)
         w.healthy = healthy
         self._changed.set()
 

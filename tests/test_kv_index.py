@@ -172,3 +172,23 @@ def test_pending_routes_count_until_events_arrive() -> None:
     assert index.overlaps(hashes) == {"w1": 3, "w2": 4}
     index.remove_worker("w1")
     assert index.overlaps(hashes) == {"w2": 4}
+
+
+async def test_a_worker_going_down_is_forgotten_by_the_index() -> None:
+    """Its entries and bookings go; when it comes back, its Subscribe snapshot refills them."""
+    from router.worker_pool import WorkerPool
+
+    exact = KvIndex()
+    forgotten: list[str] = []
+    pool = WorkerPool(
+        ["127.0.0.1:1"], on_down=lambda w: (exact.remove_worker(w.worker_id), forgotten.append(w.worker_id))
+    )
+    w = pool.workers[0]
+    exact.store(w.worker_id, [1, 2, 3])
+    pool._set_health(w, True)
+    assert exact.overlaps([1, 2, 3]) == {w.worker_id: 3} and not forgotten
+    pool._set_health(w, False)
+    assert exact.overlaps([1, 2, 3]) == {} and forgotten == [w.worker_id]
+    pool._set_health(w, False)  # already down: nothing more to forget
+    assert forgotten == [w.worker_id]
+    await w.close()

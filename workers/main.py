@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mock-timing",
         default="",
-        help="mock: 'a,b,c,d,e,f' of prefill ms = a+b*n+c*n^2 and decode step ms = d+e*batch+f*context",
+        help="mock: 'a,b,c,d,e,f' of prefill ms = a+b*n+c*n^2 and decode step ms = d+e*batch+f*context, "
+        "or the JSON file pdrouter calibrate writes",
     )
     p.add_argument("--mock-num-blocks", type=int, default=4096)
     p.add_argument(

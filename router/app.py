@@ -57,6 +57,10 @@ class RouterApp:
     pool: WorkerPool
 
 
+PENDING_TTL_S = 10.0  # exact mode: until the worker's events arrive
+APPROX_TTL_S = 120.0  # approx mode: how long a routed prompt is assumed cached
+
+
 def build_router_app(
     model_dir: Path,
     worker_addresses: list[str],
@@ -68,6 +72,7 @@ def build_router_app(
     local_prefill_max_tokens: int = 512,
     session_affinity: bool = True,
     overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
+    kv_index: str = "exact",
 ) -> RouterApp:
     """Everything between the HTTP/gRPC front ends and the workers; the caller starts the pool."""
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -78,9 +83,10 @@ def build_router_app(
         planner.index.remove_worker(w.worker_id)
         active.drop_worker(w.worker_id)
 
-    pool = WorkerPool(
-        worker_addresses, on_event=lambda w, event: index.apply(w.worker_id, event), on_down=forget
-    )
+    # NOTE: approx: for workers that send no KV events; the router's own routes stand in, for 2 min
+    approx = kv_index == "approx"
+    on_event = None if approx else (lambda w, event: index.apply(w.worker_id, event))
+    pool = WorkerPool(worker_addresses, on_event=on_event, on_down=forget)
     planner = RoutePlanner(
         pool,
         index,
@@ -90,6 +96,7 @@ def build_router_app(
         local_prefill_max_tokens=local_prefill_max_tokens,
         session_affinity=session_affinity,
         overlap_weight=overlap_weight,
+        pending_ttl_s=APPROX_TTL_S if approx else PENDING_TTL_S,
     )
     limits = model_limits(model_dir, served_model_name)
     state = RouterState(Orchestrator(planner, tokenizer), tokenizer, limits, max_body_bytes)

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_OVERLAP_WEIGHT,
         help="kv policy: weight of prefill work against KV blocks in use (higher: stick to cached prefixes)",
     )
+    p.add_argument(
+        "--kv-index",
+        choices=["exact", "approx"],
+        default="exact",
+        help="exact: from the workers' KV events; approx: from this router's own routes (no events)",
+    )
     p.add_argument("--no-session-affinity", action="store_true", help="ignore the x-session-id header")
     return p
 
@@ -70,6 +76,7 @@ async def serve(args: argparse.Namespace) -> None:
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         session_affinity=not args.no_session_affinity,
         overlap_weight=args.kv_overlap_weight,
+        kv_index=args.kv_index,
     )
     state, limits, pool = core.state, core.state.limits, core.pool
     pool.start()

@@ -82,9 +82,10 @@ class RoutePlanner:
         session_affinity: bool = True,
         seed: int | None = None,
         overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
+        pending_ttl_s: float = 10.0,
     ) -> None:
         self.pool = pool
-        self.index = PendingKvIndex(index)
+        self.index = PendingKvIndex(index, pending_ttl_s)
         index = self.index  # type: ignore[assignment]  # NOTE: every policy sees pending routes too
         self.active = active
         self.local_prefill_max_tokens = local_prefill_max_tokens

@@ -126,3 +126,18 @@ def test_expired_handles_fall_back_to_local_recompute(tmp_path) -> None:
     finally:
         s.stop()
     assert "expired" in s.proc.log()
+
+
+def test_approx_kv_index_routes_a_shared_prefix_to_one_worker(tmp_path) -> None:
+    """--kv-index approx ignores KV events: the router's own routes keep a conversation's
+    prefix on the worker that computed it."""
+    s = Stack(tmp_path, "--both", "3", "--router-arg=--kv-index=approx")
+    try:
+        c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        base = [{"role": "user", "content": " ".join(f"doc{j}" for j in range(200))}]
+        routes = [
+            _chat(c, [*base, {"role": "user", "content": f"question {i}"}])[1]["decode"] for i in range(6)
+        ]
+        assert len(set(routes)) == 1
+    finally:
+        s.stop()

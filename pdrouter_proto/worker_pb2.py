@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdrouter_proto/worker.proto\x12\x12pdrouter.worker.v1\"\xc3\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"i\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\xc1\x02\n\x0cInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.pdrouter.worker.v1.Role\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12,\n\x06layout\x18\n \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvLayout\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x13\n\x0binstance_id\x18\x0c \x01(\x04\x12\x19\n\x11transfer_endpoint\x18\r \x01(\t\"\x9f\x02\n\x08KvHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x05 \x03(\x04\x12,\n\x06layout\x18\x06 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvLayout\x12\r\n\x05token\x18\x07 \x01(\x0c\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\x12\x12\n\nnum_tokens\x18\n \x01(\r\x12\x10\n\x08shm_name\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t\x12\x17\n\x0fpool_num_blocks\x18\r \x01(\r\"r\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".pdrouter.worker.v1.SamplingParams\"h\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x35\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1f.pdrouter.worker.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xdb\x01\n\rPrefillResult\x12-\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1e.pdrouter.worker.v1.TokenChunk\x12,\n\x06handle\x18\x02 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvHandle\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x37\n\rfinish_reason\x18\x05 \x01(\x0e\x32 .pdrouter.worker.v1.FinishReason\"\x8c\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x02ok\x18\x02 \x01(\x0b\x32!.pdrouter.worker.v1.PrefillResultH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.pdrouter.worker.v1.ErrorH\x00\x42\x08\n\x06result\"\xd2\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".pdrouter.worker.v1.SamplingParams\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\r\x12\x34\n\tkv_handle\x18\x05 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvHandleH\x00\x88\x01\x01\x42\x0c\n\n_kv_handle\"\x94\x01\n\x08\x43omplete\x12\x37\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .pdrouter.worker.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\"\xbb\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.pdrouter.worker.v1.TokenChunkH\x00\x12\x30\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1c.pdrouter.worker.v1.CompleteH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.pdrouter.worker.v1.ErrorH\x00\x42\x06\n\x04kind\"3\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"B\n\x10SubscribeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\x12\x17\n\x0fload_interval_s\x18\x02 \x01(\x01\"\xc0\x01\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x38\n\x0bkv_transfer\x18\x06 \x01(\x0b\x32#.pdrouter.worker.v1.KvTransferStats\"\xc7\x01\n\x0fKvTransferStats\x12\r\n\x05pulls\x18\x01 \x01(\x04\x12\x15\n\rpull_failures\x18\x02 \x01(\x04\x12\x15\n\rblocks_pulled\x18\x03 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x04 \x01(\x04\x12\x19\n\x11handles_published\x18\x05 \x01(\x04\x12\x16\n\x0ehandles_pinned\x18\x06 \x01(\r\x12\x15\n\rblocks_pinned\x18\x07 \x01(\r\x12\x17\n\x0fhandles_expired\x18\x08 \x01(\x04\"J\n\x08KvStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_parent_hash\"!\n\tKvRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x0b\n\tKvCleared\"c\n\x08Snapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\x12,\n\x04load\x18\x03 \x01(\x0b\x32\x1e.pdrouter.worker.v1.LoadReport\"\x98\x02\n\x0bWorkerEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x30\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1c.pdrouter.worker.v1.SnapshotH\x00\x12.\n\x06stored\x18\x03 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvStoredH\x00\x12\x30\n\x07removed\x18\x04 \x01(\x0b\x32\x1d.pdrouter.worker.v1.KvRemovedH\x00\x12\x30\n\x07\x63leared\x18\x05 \x01(\x0b\x32\x1d.pdrouter.worker.v1.KvClearedH\x00\x12.\n\x04load\x18\x06 \x01(\x0b\x32\x1e.pdrouter.worker.v1.LoadReportH\x00\x42\x06\n\x04kind*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_BOTH\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa4\x03\n\x06Worker\x12I\n\x04Info\x12\x1f.pdrouter.worker.v1.InfoRequest\x1a .pdrouter.worker.v1.InfoResponse\x12R\n\x07Prefill\x12\".pdrouter.worker.v1.PrefillRequest\x1a#.pdrouter.worker.v1.PrefillResponse\x12Q\n\x06\x44\x65\x63ode\x12!.pdrouter.worker.v1.DecodeRequest\x1a\".pdrouter.worker.v1.DecodeResponse0\x01\x12R\n\x07Release\x12\".pdrouter.worker.v1.ReleaseRequest\x1a#.pdrouter.worker.v1.ReleaseResponse\x12T\n\tSubscribe\x12$.pdrouter.worker.v1.SubscribeRequest\x1a\x1f.pdrouter.worker.v1.WorkerEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdrouter_proto/worker.proto\x12\x12pdrouter.worker.v1\"\xc3\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"i\n\x08KvLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\xc1\x02\n\x0cInfoResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x04role\x18\x02 \x01(\x0e\x32\x18.pdrouter.worker.v1.Role\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12,\n\x06layout\x18\n \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvLayout\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x13\n\x0binstance_id\x18\x0c \x01(\x04\x12\x19\n\x11transfer_endpoint\x18\r \x01(\t\"\x9f\x02\n\x08KvHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x05 \x03(\x04\x12,\n\x06layout\x18\x06 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvLayout\x12\r\n\x05token\x18\x07 \x01(\x0c\x12\x12\n\nexpires_at\x18\x08 \x01(\x01\x12\x13\n\x0b\x63ompat_hash\x18\t \x01(\t\x12\x12\n\nnum_tokens\x18\n \x01(\r\x12\x10\n\x08shm_name\x18\x0b \x01(\t\x12\x0f\n\x07host_id\x18\x0c \x01(\t\x12\x17\n\x0fpool_num_blocks\x18\r \x01(\r\"r\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".pdrouter.worker.v1.SamplingParams\"h\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x35\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1f.pdrouter.worker.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x81\x02\n\rPrefillResult\x12-\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1e.pdrouter.worker.v1.TokenChunk\x12,\n\x06handle\x18\x02 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvHandle\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x37\n\rfinish_reason\x18\x05 \x01(\x0e\x32 .pdrouter.worker.v1.FinishReason\x12\x10\n\x08queue_ms\x18\x06 \x01(\x01\x12\x12\n\ncompute_ms\x18\x07 \x01(\x01\"\x8c\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x02ok\x18\x02 \x01(\x0b\x32!.pdrouter.worker.v1.PrefillResultH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.pdrouter.worker.v1.ErrorH\x00\x42\x08\n\x06result\"\xd2\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x06params\x18\x03 \x01(\x0b\x32\".pdrouter.worker.v1.SamplingParams\x12\x1b\n\x13generated_token_ids\x18\x04 \x03(\r\x12\x34\n\tkv_handle\x18\x05 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvHandleH\x00\x88\x01\x01\x42\x0c\n\n_kv_handle\"\xbe\x01\n\x08\x43omplete\x12\x37\n\rfinish_reason\x18\x01 \x01(\x0e\x32 .pdrouter.worker.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x19\n\x11num_output_tokens\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x06 \x01(\x01\"\xbb\x01\n\x0e\x44\x65\x63odeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.pdrouter.worker.v1.TokenChunkH\x00\x12\x30\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1c.pdrouter.worker.v1.CompleteH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.pdrouter.worker.v1.ErrorH\x00\x42\x06\n\x04kind\"3\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"B\n\x10SubscribeRequest\x12\x15\n\rsubscriber_id\x18\x01 \x01(\t\x12\x17\n\x0fload_interval_s\x18\x02 \x01(\x01\"\xc0\x01\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x38\n\x0bkv_transfer\x18\x06 \x01(\x0b\x32#.pdrouter.worker.v1.KvTransferStats\"\xc7\x01\n\x0fKvTransferStats\x12\r\n\x05pulls\x18\x01 \x01(\x04\x12\x15\n\rpull_failures\x18\x02 \x01(\x04\x12\x15\n\rblocks_pulled\x18\x03 \x01(\x04\x12\x14\n\x0c\x62ytes_pulled\x18\x04 \x01(\x04\x12\x19\n\x11handles_published\x18\x05 \x01(\x04\x12\x16\n\x0ehandles_pinned\x18\x06 \x01(\r\x12\x15\n\rblocks_pinned\x18\x07 \x01(\r\x12\x17\n\x0fhandles_expired\x18\x08 \x01(\x04\"J\n\x08KvStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0e\n\x0c_parent_hash\"!\n\tKvRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x04\"\x0b\n\tKvCleared\"c\n\x08Snapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\x12,\n\x04load\x18\x03 \x01(\x0b\x32\x1e.pdrouter.worker.v1.LoadReport\"\x98\x02\n\x0bWorkerEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x30\n\x08snapshot\x18\x02 \x01(\x0b\x32\x1c.pdrouter.worker.v1.SnapshotH\x00\x12.\n\x06stored\x18\x03 \x01(\x0b\x32\x1c.pdrouter.worker.v1.KvStoredH\x00\x12\x30\n\x07removed\x18\x04 \x01(\x0b\x32\x1d.pdrouter.worker.v1.KvRemovedH\x00\x12\x30\n\x07\x63leared\x18\x05 \x01(\x0b\x32\x1d.pdrouter.worker.v1.KvClearedH\x00\x12.\n\x04load\x18\x06 \x01(\x0b\x32\x1e.pdrouter.worker.v1.LoadReportH\x00\x42\x06\n\x04kind*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_BOTH\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa4\x03\n\x06Worker\x12I\n\x04Info\x12\x1f.pdrouter.worker.v1.InfoRequest\x1a .pdrouter.worker.v1.InfoResponse\x12R\n\x07Prefill\x12\".pdrouter.worker.v1.PrefillRequest\x1a#.pdrouter.worker.v1.PrefillResponse\x12Q\n\x06\x44\x65\x63ode\x12!.pdrouter.worker.v1.DecodeRequest\x1a\".pdrouter.worker.v1.DecodeResponse0\x01\x12R\n\x07Release\x12\".pdrouter.worker.v1.ReleaseRequest\x1a#.pdrouter.worker.v1.ReleaseResponse\x12T\n\tSubscribe\x12$.pdrouter.worker.v1.SubscribeRequest\x1a\x1f.pdrouter.worker.v1.WorkerEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdrouter_proto.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=3281
-  _globals['_ROLE']._serialized_end=3359
-  _globals['_FINISHREASON']._serialized_start=3361
-  _globals['_FINISHREASON']._serialized_end=3481
+  _globals['_ROLE']._serialized_start=3361
+  _globals['_ROLE']._serialized_end=3439
+  _globals['_FINISHREASON']._serialized_start=3441
+  _globals['_FINISHREASON']._serialized_end=3561
   _globals['_SAMPLINGPARAMS']._serialized_start=52
   _globals['_SAMPLINGPARAMS']._serialized_end=247
   _globals['_KVLAYOUT']._serialized_start=249
@@ -54,35 +54,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPLOGPROBS']._serialized_start=1247
   _globals['_TOPLOGPROBS']._serialized_end=1297
   _globals['_PREFILLRESULT']._serialized_start=1300
-  _globals['_PREFILLRESULT']._serialized_end=1519
-  _globals['_PREFILLRESPONSE']._serialized_start=1522
-  _globals['_PREFILLRESPONSE']._serialized_end=1662
-  _globals['_DECODEREQUEST']._serialized_start=1665
-  _globals['_DECODEREQUEST']._serialized_end=1875
-  _globals['_COMPLETE']._serialized_start=1878
-  _globals['_COMPLETE']._serialized_end=2026
-  _globals['_DECODERESPONSE']._serialized_start=2029
-  _globals['_DECODERESPONSE']._serialized_end=2216
-  _globals['_RELEASEREQUEST']._serialized_start=2218
-  _globals['_RELEASEREQUEST']._serialized_end=2269
-  _globals['_RELEASERESPONSE']._serialized_start=2271
-  _globals['_RELEASERESPONSE']._serialized_end=2306
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=2308
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=2374
-  _globals['_LOADREPORT']._serialized_start=2377
-  _globals['_LOADREPORT']._serialized_end=2569
-  _globals['_KVTRANSFERSTATS']._serialized_start=2572
-  _globals['_KVTRANSFERSTATS']._serialized_end=2771
-  _globals['_KVSTORED']._serialized_start=2773
-  _globals['_KVSTORED']._serialized_end=2847
-  _globals['_KVREMOVED']._serialized_start=2849
-  _globals['_KVREMOVED']._serialized_end=2882
-  _globals['_KVCLEARED']._serialized_start=2884
-  _globals['_KVCLEARED']._serialized_end=2895
-  _globals['_SNAPSHOT']._serialized_start=2897
-  _globals['_SNAPSHOT']._serialized_end=2996
-  _globals['_WORKEREVENT']._serialized_start=2999
-  _globals['_WORKEREVENT']._serialized_end=3279
-  _globals['_WORKER']._serialized_start=3484
-  _globals['_WORKER']._serialized_end=3904
+  _globals['_PREFILLRESULT']._serialized_end=1557
+  _globals['_PREFILLRESPONSE']._serialized_start=1560
+  _globals['_PREFILLRESPONSE']._serialized_end=1700
+  _globals['_DECODEREQUEST']._serialized_start=1703
+  _globals['_DECODEREQUEST']._serialized_end=1913
+  _globals['_COMPLETE']._serialized_start=1916
+  _globals['_COMPLETE']._serialized_end=2106
+  _globals['_DECODERESPONSE']._serialized_start=2109
+  _globals['_DECODERESPONSE']._serialized_end=2296
+  _globals['_RELEASEREQUEST']._serialized_start=2298
+  _globals['_RELEASEREQUEST']._serialized_end=2349
+  _globals['_RELEASERESPONSE']._serialized_start=2351
+  _globals['_RELEASERESPONSE']._serialized_end=2386
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=2388
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=2454
+  _globals['_LOADREPORT']._serialized_start=2457
+  _globals['_LOADREPORT']._serialized_end=2649
+  _globals['_KVTRANSFERSTATS']._serialized_start=2652
+  _globals['_KVTRANSFERSTATS']._serialized_end=2851
+  _globals['_KVSTORED']._serialized_start=2853
+  _globals['_KVSTORED']._serialized_end=2927
+  _globals['_KVREMOVED']._serialized_start=2929
+  _globals['_KVREMOVED']._serialized_end=2962
+  _globals['_KVCLEARED']._serialized_start=2964
+  _globals['_KVCLEARED']._serialized_end=2975
+  _globals['_SNAPSHOT']._serialized_start=2977
+  _globals['_SNAPSHOT']._serialized_end=3076
+  _globals['_WORKEREVENT']._serialized_start=3079
+  _globals['_WORKEREVENT']._serialized_end=3359
+  _globals['_WORKER']._serialized_start=3564
+  _globals['_WORKER']._serialized_end=3984
 # @@protoc_insertion_point(module_scope)

@@ -116,5 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     import uvloop
 
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(args))
+    from workers.telemetry import setup_tracing, shutdown_tracing
+
+    setup_tracing("pdrouter-router")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(serve(args))
+    finally:
+        shutdown_tracing()

@@ -13,6 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
 
 from kvtransfer.errors import TransferError, TransferRefused
 from kvtransfer.handles import Handle, HandleRegistry
@@ -28,6 +33,7 @@ from workers.engine.sequence import KvImport
 log = logging.getLogger("pdrouter.worker.kv")
 
 DEFAULT_TTL_S = 30.0
+_tracer = trace.get_tracer("pdrouter.worker")
 
 
 def layout_to_pb(layout: KvLayout) -> pb.KvLayout:
@@ -151,7 +157,7 @@ class KvAgent:
 
     # -- decode side ------------------------------------------------------------------------
 
-    def importer(self, request_id: str, h: pb.KvHandle) -> KvImport:
+    def importer(self, request_id: str, h: pb.KvHandle, parent: Context | None = None) -> KvImport:
         """What the engine needs to pull this handle's blocks; the prompt is recomputed on failure."""
         same_host = h.host_id == self.host_id and bool(h.shm_name)
         try:
@@ -163,19 +169,27 @@ class KvAgent:
         transport = self.shm if backend == "shm" else self.tcp
 
         async def pull(src: list[int], dst: list[int]) -> None:
-            try:
-                await transport.pull(ref, src, dst)
-            except TransferRefused as exc:
-                self.stats.pull_failures += 1
-                log.warning("KV pull for %s refused by %s: %s", request_id, h.worker_id, exc.reason)
-                raise
-            except TransferError as exc:
-                self.stats.pull_failures += 1
-                log.warning("KV pull for %s from %s failed (%s): %s", request_id, h.worker_id, backend, exc)
-                raise
+            nbytes = len(src) * self.pool.block_bytes
+            attrs = {"pdrouter.kv.backend": backend, "pdrouter.kv.blocks": len(src),
+                     "pdrouter.kv.bytes": nbytes, "pdrouter.kv.source": h.worker_id}  # fmt: skip
+            with _tracer.start_as_current_span("kv_transfer", context=parent, attributes=attrs) as span:
+                t0 = time.perf_counter()
+                try:
+                    await transport.pull(ref, src, dst)
+                except TransferError as exc:
+                    self.stats.pull_failures += 1
+                    reason = exc.reason if isinstance(exc, TransferRefused) else str(exc)
+                    span.set_attribute("pdrouter.kv.fallback_reason", reason)
+                    span.set_status(Status(StatusCode.ERROR, reason))
+                    log.warning(
+                        "KV pull for %s from %s (%s) failed: %s", request_id, h.worker_id, backend, reason
+                    )
+                    raise
+                seconds = time.perf_counter() - t0
+                span.set_attribute("pdrouter.kv.gbps", nbytes / seconds / 1e9 if seconds > 0 else 0.0)
             self.stats.pulls += 1
             self.stats.blocks_pulled += len(src)
-            self.stats.bytes_pulled += len(src) * self.pool.block_bytes
+            self.stats.bytes_pulled += nbytes
 
         return KvImport(list(h.block_ids), h.num_tokens, pull)
 

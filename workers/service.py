@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from pdrouter_proto import worker_pb2 as pb
 from pdrouter_proto import worker_pb2_grpc as pb_grpc
@@ -22,6 +25,7 @@ from workers.engine.block_manager import KvEvent
 from workers.engine.engine import Engine, EngineError, LoadReport
 from workers.engine.sequence import FinishReason, SamplingParams
 from workers.kv_agent import KvAgent
+from workers.telemetry import extract_context, metadata_dict
 
 VERSION = "0.1.0"
 ROLES = {"both": pb.ROLE_BOTH, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE}
@@ -53,6 +57,18 @@ def load_to_pb(load: LoadReport) -> pb.LoadReport:
         kv_blocks_total=load.kv_blocks_total,
         queued_prefill_tokens=load.queued_prefill_tokens,
     )
+
+
+_tracer = trace.get_tracer("pdrouter.worker")
+
+
+def _server_span(name: str, context: grpc.aio.ServicerContext | None, request_id: str, prompt_tokens: int):
+    """The worker's span of one RPC, a child of the router's (traceparent in the metadata)."""
+    parent = extract_context(metadata_dict(context.invocation_metadata())) if context is not None else None
+    return _tracer.start_span(
+        name, context=parent, kind=SpanKind.SERVER,
+        attributes={"pdrouter.request_id": request_id, "gen_ai.usage.input_tokens": prompt_tokens},
+    )  # fmt: skip
 
 
 def _error(request_id: str, exc: EngineError) -> pb.Error:
@@ -147,15 +163,24 @@ class WorkerService(pb_grpc.WorkerServicer):
         params = params_from_pb(request.params)
         wanted, params.max_tokens = params.max_tokens, 1
         first = pb.TokenChunk()
+        t0 = time.monotonic()
+        span = _server_span("prefill", context, rid, len(prompt))
         try:
             async for out in self.engine.generate(rid, prompt, params, pin_on_finish=self.kv is not None):
                 _fill_chunk(first, out)
                 if out.finish_reason is not None:
+                    queue_ms = out.queue_s * 1e3
                     result = pb.PrefillResult(
                         first=first,
                         num_prompt_tokens=out.num_prompt_tokens,
                         num_cached_tokens=out.num_cached_tokens,
+                        queue_ms=queue_ms,
+                        compute_ms=(time.monotonic() - t0) * 1e3 - queue_ms,
                     )
+                    span.set_attributes(
+                        {"pdrouter.queue_ms": result.queue_ms, "pdrouter.compute_ms": result.compute_ms,
+                         "pdrouter.cached_tokens": out.num_cached_tokens}
+                    )  # fmt: skip
                     ended = out.finish_reason is not FinishReason.LENGTH or wanted <= 1
                     if ended:  # nothing for a decode worker to do: no handle, blocks back now
                         result.finish_reason = FINISH[out.finish_reason]
@@ -166,7 +191,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                             result.handle.CopyFrom(self.kv.publish(rid, out.pinned_block_ids, len(prompt)))
                     return pb.PrefillResponse(request_id=rid, ok=result)
         except EngineError as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
             return pb.PrefillResponse(request_id=request.request_id, error=_error(request.request_id, exc))
+        finally:
+            span.end()
         return pb.PrefillResponse(
             request_id=request.request_id,
             error=pb.Error(code=grpc.StatusCode.ABORTED.value[0], message="aborted"),
@@ -185,7 +213,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         num_prompt = len(prompt)
         num_out = 0
         handle = request.kv_handle if request.HasField("kv_handle") and self.kv is not None else None
-        kv_import = self.kv.importer(rid, handle) if handle is not None else None
+        span = _server_span("decode", context, rid, num_prompt)
+        parent = trace.set_span_in_context(span)
+        kv_import = self.kv.importer(rid, handle, parent) if handle is not None else None
         gen = self.engine.generate(rid, prompt + prior, params, kv_import=kv_import)
         try:
             async for out in gen:
@@ -198,19 +228,25 @@ class WorkerService(pb_grpc.WorkerServicer):
                     _fill_chunk(chunk, out)
                     yield pb.DecodeResponse(request_id=rid, chunk=chunk)
                 if out.finish_reason is not None:
-                    yield pb.DecodeResponse(
-                        request_id=rid,
-                        complete=pb.Complete(
-                            finish_reason=FINISH[out.finish_reason],
-                            num_prompt_tokens=num_prompt,
-                            num_cached_tokens=min(out.num_cached_tokens, num_prompt),
-                            num_output_tokens=num_out + len(prior),
-                        ),
+                    complete = pb.Complete(
+                        finish_reason=FINISH[out.finish_reason],
+                        num_prompt_tokens=num_prompt,
+                        num_cached_tokens=min(out.num_cached_tokens, num_prompt),
+                        num_output_tokens=num_out + len(prior),
+                        queue_ms=out.queue_s * 1e3,
+                        kv_transfer_ms=out.kv_pull_s * 1e3,
                     )
+                    span.set_attributes(
+                        {"pdrouter.queue_ms": complete.queue_ms, "gen_ai.usage.output_tokens": num_out,
+                         "pdrouter.cached_tokens": complete.num_cached_tokens}
+                    )  # fmt: skip
+                    yield pb.DecodeResponse(request_id=rid, complete=complete)
         except EngineError as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
             yield pb.DecodeResponse(request_id=rid, error=_error(rid, exc))
         finally:
             await gen.aclose()
+            span.end()
             if handle is not None:
                 self.kv.finish_import(rid, handle)  # type: ignore[union-attr]
 

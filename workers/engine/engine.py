@@ -53,6 +53,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     pinned_block_ids: list[int] | None = None  # prefill leg: blocks kept until unpin()
     kv_pulled_blocks: int | None = None  # decode leg: blocks pulled (None: no pull; -1: pull failed)
+    queue_s: float = 0.0  # waiting before the engine first gave the request blocks
+    kv_pull_s: float = 0.0  # decode leg: the prompt KV pull
 
 
 class _Stream:
@@ -177,6 +179,10 @@ class Engine:
                 out = RequestOutput(
                     num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens
                 )
+                if seq.first_scheduled_time:
+                    out.queue_s = seq.first_scheduled_time - seq.arrival_time
+                if kv_import is not None:
+                    out.kv_pull_s = kv_import.seconds
                 if stream.want_logprobs:
                     out.logprobs, out.top_logprobs = [], []
                 for token_id, sampled, reason in items:
@@ -306,12 +312,14 @@ class Engine:
     async def _pull(self, request_id: str, imp: KvImport, src: list[int], dst: list[int]) -> None:
         ok = True
         if src:
+            t0 = time.monotonic()
             try:
                 await imp.pull(src, dst)
                 imp.num_pulled_blocks = len(src)
             except Exception as exc:  # NOTE: any transfer failure falls back to local recompute
                 log.warning("KV pull for %s failed (%s); recomputing locally", request_id, exc)
                 ok = False
+            imp.seconds = time.monotonic() - t0
         self._submit(request_id, ("kv", ok))
 
     def _fail_batch(self, batch, exc: Exception) -> None:

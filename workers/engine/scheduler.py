@@ -8,6 +8,7 @@ recompute (its blocks freed; it rejoins the front of the queue with its tokens s
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import msgspec
@@ -137,6 +138,7 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
             self.bm.allocate(seq, need)
             seq.status = SequenceStatus.RUNNING
+            seq.first_scheduled_time = seq.first_scheduled_time or time.monotonic()
             self.running.append(seq)
             batch.append(self._item(seq, n))
             budget -= n
@@ -155,6 +157,7 @@ class Scheduler:
         self.bm.allocate_prefix(seq, hits)
         seq.num_cached_tokens = seq.num_computed_tokens
         self.bm.allocate(seq, need)
+        seq.first_scheduled_time = seq.first_scheduled_time or time.monotonic()
         self.importing[seq.request_id] = seq
         self.new_imports.append(seq)
         return True

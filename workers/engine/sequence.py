@@ -42,6 +42,7 @@ class Sequence:
         "block_hashes",
         "block_table",
         "finish_reason",
+        "first_scheduled_time",
         "kv_import",
         "num_cached_tokens",
         "num_computed_tokens",
@@ -67,6 +68,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.arrival_time = arrival_time
+        self.first_scheduled_time = 0.0  # when it first got blocks (queue wait = this - arrival)
         self.pin_on_finish = False  # prefill leg: keep the blocks until the decode side pulls them
         self.kv_import: KvImport | None = None  # decode leg: prompt KV comes from another worker
 
@@ -96,7 +98,7 @@ class KvImport:
     the first `num_tokens` tokens; `pull(src_ids, dst_ids)` (async, run on the event loop) copies
     some of them into this worker's pool."""
 
-    __slots__ = ("num_pulled_blocks", "num_tokens", "ok", "pull", "src_block_ids")
+    __slots__ = ("num_pulled_blocks", "num_tokens", "ok", "pull", "seconds", "src_block_ids")
 
     def __init__(self, src_block_ids: list[int], num_tokens: int, pull) -> None:
         self.src_block_ids = src_block_ids
@@ -104,6 +106,7 @@ class KvImport:
         self.pull = pull
         self.ok: bool | None = None
         self.num_pulled_blocks = 0
+        self.seconds = 0.0  # the pull's duration (0 when nothing was pulled)
 
 
 class ScheduledSeq(msgspec.Struct, gc=False):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: pdrouter {serve,router,worker,calibrate} [options]
+USAGE = """usage: pdrouter {serve,router,worker,trace,calibrate} [options]
 
   serve      start router + workers on this machine (the whole stack)
   router     run the router (OpenAI HTTP + gRPC front door) over --worker addresses
   worker     run one worker (gRPC Worker service over the hf or mock engine)
+  trace      show one recent request as a waterfall (where TTFT went), or the slowest ones
   calibrate  time the real engine on this machine and fit the mock engine's --mock-timing
 
 'pdrouter COMMAND --help' shows a command's options."""
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         from router.main import main as run
     elif command == "worker":
         from workers.main import main as run
+    elif command == "trace":
+        from router.trace_cli import main as run
     elif command == "calibrate":
         from workers.calibrate import main as run
     else:

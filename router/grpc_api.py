@@ -6,15 +6,19 @@ a cancelled or expired call cancels the worker calls with it.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from pdrouter_proto import inference_pb2 as pb
 from pdrouter_proto import inference_pb2_grpc as pb_grpc
+from router import timeline
 from router.errors import GRPC_CODES, ApiError, invalid
 from router.http_api import RouterState
 from router.requests import GenerationRequest, finish_request, new_request_id
+from workers.telemetry import metadata_dict
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -36,9 +40,17 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        meta = metadata_dict(context.invocation_metadata())
+        tl = timeline.start(meta.get("x-request-id") or uuid.uuid4().hex, meta, "generate")
+        tl.mark("parsed")
+        status = 200
         try:
             gen = await self._build(request)
+            tl.mark("tokenized")
             route = self.state.orchestrator.route(gen)
+            tl.mark("routed")
+            tl.mode, tl.route = route[0].mode, self.state.orchestrator.route_header(route)
+            tl.aliases.append(gen.request_id)
             await context.send_initial_metadata(
                 (
                     ("x-request-id", gen.request_id),
@@ -57,6 +69,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                             top_logprobs=[v for _, v in lp.top],
                         )
                     yield pb.GenerateResponse(request_id=gen.request_id, chunk=chunk)
+                    if d.text:
+                        tl.mark("first_sent")
                 if d.finish_reason is not None:
                     usage = pb.Usage(
                         prompt_tokens=usage_prompt,
@@ -69,7 +83,14 @@ class InferenceService(pb_grpc.InferenceServicer):
                         complete=pb.Complete(index=d.index, finish_reason=d.finish_reason, usage=usage),
                     )
         except ApiError as exc:
+            status = exc.status
             await context.abort(grpc.StatusCode[GRPC_CODES.get(exc.status, "INTERNAL")], exc.message)
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            tl.finish(status, self.state.trace_every_nth_token)
+            self.state.timelines.add(tl)
 
     async def _build(self, r: pb.GenerateRequest) -> GenerationRequest:
         state = self.state

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from router import openai_schema as oa
+from router import timeline
 from router.errors import ApiError, invalid
 from router.orchestrator import ChoiceDelta, Orchestrator
 from router.requests import (
@@ -29,6 +30,7 @@ from router.requests import (
     completion_request,
 )
 from router.route_planner import Route
+from router.timeline import TimelineRing
 from router.tokenizer import ChatTemplateError, Tokenizer
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -65,6 +67,8 @@ class RouterState:
         self.limits = limits
         self.max_body_bytes = max_body_bytes
         self.started = int(time.time())
+        self.timelines = TimelineRing()
+        self.trace_every_nth_token = 1  # token events on the request span: every Nth token
 
     @property
     def ready(self) -> bool:
@@ -85,6 +89,30 @@ class RouterState:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+_GENERATE_PATHS = frozenset(("/v1/chat/completions", "/v1/completions"))
+
+
+def _trace_headers(scope: dict) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")}
+
+
+def _mark(name: str) -> None:
+    tl = timeline.current()
+    if tl is not None:
+        tl.mark(name)
+
+
+def _gen_attributes(gen: GenerationRequest) -> dict[str, object]:
+    """OpenTelemetry GenAI semantic-convention attributes of a request."""
+    return {
+        "gen_ai.operation.name": "chat" if gen.chat else "text_completion",
+        "gen_ai.request.model": gen.model,
+        "gen_ai.request.max_tokens": gen.max_tokens,
+        "gen_ai.usage.input_tokens": sum(len(p) for p in gen.prompts),
+        "gen_ai.response.id": gen.request_id,
+    }
 
 
 class _Response:
@@ -150,7 +178,10 @@ class HttpApp:
         resp = _Response(send, request_id)
         path = scope["path"].rstrip("/") or "/"
         handler = self.routes.get((scope["method"], path))
+        if handler is None and scope["method"] == "GET" and path.startswith("/debug/requests"):
+            handler = self.debug_requests
         status = 200
+        tl = timeline.start(request_id, _trace_headers(scope)) if path in _GENERATE_PATHS else None
         try:
             if handler is None:
                 if path in self.paths:
@@ -173,6 +204,9 @@ class HttpApp:
         finally:
             if path.startswith("/v1/"):
                 self.state.orchestrator.metrics.requests.labels(path, str(status), resp.mode).inc()
+            if tl is not None:
+                tl.finish(status, self.state.trace_every_nth_token)
+                self.state.timelines.add(tl)
 
     async def _fail(self, resp: _Response, exc: ApiError) -> None:
         if not resp.started:
@@ -183,6 +217,27 @@ class HttpApp:
             await resp.end_sse()
 
     # -- small endpoints --------------------------------------------------------------------
+
+    async def debug_requests(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        """GET /debug/requests/{id}: one recent request's timeline; /debug/requests?slowest=N&by=ttft|e2e."""
+        ring = self.state.timelines
+        rest = scope["path"].rstrip("/")[len("/debug/requests") :].lstrip("/")
+        if rest:
+            tl = ring.get(rest)
+            if tl is None:
+                raise ApiError(404, f"No recent request {rest!r} (the router keeps the last {ring.capacity})",
+                               None, "unknown_request")  # fmt: skip
+            await resp.json(200, _json.encode(tl.view()))
+            return
+        query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode().split("&") if "=" in p)
+        try:
+            n = max(1, min(int(query.get("slowest", "10")), ring.capacity))
+        except ValueError:
+            raise invalid("'slowest' must be an integer", "slowest") from None
+        by = query.get("by", "ttft")
+        if by not in ("ttft", "e2e"):
+            raise invalid("'by' must be 'ttft' or 'e2e'", "by")
+        await resp.json(200, _json.encode([tl.view() for tl in ring.slowest(n, by)]))
 
     async def health(self, scope: dict, receive: Receive, resp: _Response) -> None:
         await resp.json(200, b'{"status":"ok"}')
@@ -215,9 +270,11 @@ class HttpApp:
             req = _chat_decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise _error_from_msgspec(exc) from None
+        _mark("parsed")
         self.state.limits.check_model(req.model)
         messages = chat_messages(req)
         prompt = await self.state.encode_chat(messages)
+        _mark("tokenized")
         gen = chat_request(req, prompt, self.state.limits)
         await self._generate(gen, scope, receive, resp)
 
@@ -227,10 +284,12 @@ class HttpApp:
             req = _completion_decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise _error_from_msgspec(exc) from None
+        _mark("parsed")
         self.state.limits.check_model(req.model)
         prompts = [
             p if isinstance(p, list) else await self.state.encode_text(p) for p in completion_prompts(req)
         ]
+        _mark("tokenized")
         gen = completion_request(req, prompts, self.state.limits)
         await self._generate(gen, scope, receive, resp)
 
@@ -259,8 +318,15 @@ class HttpApp:
     async def _generate(self, gen: GenerationRequest, scope: dict, receive: Receive, resp: _Response) -> None:
         orch = self.state.orchestrator
         route = orch.route(gen, _header(scope, b"x-session-id") or gen.session_id)
-        extra = [(b"x-pdrouter-route", orch.route_header(route).encode())]
+        header = orch.route_header(route)
+        extra = [(b"x-pdrouter-route", header.encode())]
         resp.mode = route[0].mode
+        tl = timeline.current()
+        if tl is not None:
+            tl.mark("routed")
+            tl.mode, tl.route = resp.mode, header
+            tl.aliases.append(gen.request_id)
+            tl.attrs.update(_gen_attributes(gen))
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
@@ -313,6 +379,7 @@ class HttpApp:
                 gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result()
             )
         await resp.json(200, _json.encode(body), extra)
+        _mark("first_sent")  # NOTE: not streaming: the first token reaches the client with the last
 
     async def _stream(self, gen: GenerationRequest, route: list[Route], resp: _Response, extra) -> None:
         created = int(time.time())
@@ -353,6 +420,8 @@ class HttpApp:
                     None,
                 )
             await resp.event(_json.encode(payload))
+            if d.text:
+                _mark("first_sent")
         if gen.include_usage:
             if gen.chat:
                 payload = oa.ChatCompletionChunk(rid, created, model, SYSTEM_FINGERPRINT, [], usage.result())

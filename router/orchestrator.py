@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdrouter_proto import worker_pb2 as pb
+from router import timeline
 from router.detokenizer import IncrementalDetokenizer
 from router.errors import ApiError
 from router.metrics import RouterMetrics
@@ -59,6 +60,25 @@ class ChoiceDelta:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+
+
+def _client_span(name: str, worker: WorkerClient):
+    """A span for this call (when the request has a timeline) and the metadata carrying it."""
+    tl = timeline.current()
+    if tl is None:
+        return None, ()
+    return tl.client_span(name, {"pdrouter.worker": worker.worker_id})
+
+
+def _end(span) -> None:
+    if span is not None:
+        span.end()
+
+
+def _worker_timing(**values: float) -> None:
+    tl = timeline.current()
+    if tl is not None:
+        tl.worker.update(values)
 
 
 def _worker_error(err: pb.Error) -> ApiError:
@@ -130,10 +150,13 @@ class Orchestrator:
         m.in_flight.inc()
         t0 = gen.arrival
         last = 0.0
+        tl = timeline.current()
         try:
             async for d in self._run_all(gen, routes):
                 if d.token_ids:
                     now = time.perf_counter()
+                    if tl is not None:
+                        tl.token(now, len(d.token_ids))
                     if not last:
                         m.ttft.labels(mode).observe(now - t0)
                     else:
@@ -244,8 +267,9 @@ class Orchestrator:
             current = worker
             tried.add(current.address)
             current.in_flight += 1
+            span, metadata = _client_span("prefill", current)
             try:
-                resp = await current.stub.Prefill(msg)
+                resp = await current.stub.Prefill(msg, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     detail = f"prefill worker {current.worker_id} failed: {exc.details()}"
@@ -258,8 +282,10 @@ class Orchestrator:
                 continue
             finally:
                 current.in_flight -= 1
+                _end(span)
             if resp.WhichOneof("result") == "error":
                 raise _worker_error(resp.error)
+            _worker_timing(prefill_queue_ms=resp.ok.queue_ms, prefill_compute_ms=resp.ok.compute_ms)
             route.prefill = worker
             return worker, resp.ok
         route.prefill = None
@@ -273,7 +299,8 @@ class Orchestrator:
         while True:
             tried.add(worker.address)
             current = worker
-            call = current.stub.Decode(request)
+            span, metadata = _client_span("decode", current)
+            call = current.stub.Decode(request, metadata=metadata)
             current.in_flight += 1
             got_any = False
             try:
@@ -291,6 +318,7 @@ class Orchestrator:
                             return
                     elif kind == "complete":
                         c = resp.complete
+                        _worker_timing(decode_queue_ms=c.queue_ms, kv_transfer_ms=c.kv_transfer_ms)
                         reason = FINISH_NAMES.get(c.finish_reason, "stop")
                         yield choice.finish(reason, c.num_prompt_tokens, c.num_cached_tokens)
                         return
@@ -320,6 +348,7 @@ class Orchestrator:
             finally:
                 current.in_flight -= 1
                 call.cancel()
+                _end(span)
 
     async def _release(self, worker: WorkerClient, request_id: str, token: bytes) -> None:
         if not token:

@@ -85,7 +85,14 @@ def wait_http_ok(url: str, proc: Proc, timeout: float) -> None:
 class Stack:
     """`pdrouter serve` on free ports."""
 
-    def __init__(self, tmp: Path, *extra: str, engine: str = "mock", timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *extra: str,
+        engine: str = "mock",
+        timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.grpc_port = free_port()
         self.proc = Proc(
@@ -100,6 +107,7 @@ class Stack:
                 *extra,
             ),
             tmp / f"serve-{self.port}.log",
+            env,
         )
         self.base_url = f"http://127.0.0.1:{self.port}"
         wait_http_ok(self.base_url + "/ready", self.proc, timeout)

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="exact",
         help="exact: from the workers' KV events; approx: from this router's own routes (no events)",
     )
+    p.add_argument(
+        "--trace-every-nth-token",
+        type=int,
+        default=1,
+        help="tracing: a span event for every Nth token (1: every token; the last one always)",
+    )
     p.add_argument("--no-session-affinity", action="store_true", help="ignore the x-session-id header")
     return p
 
@@ -79,6 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
         kv_index=args.kv_index,
     )
     state, limits, pool = core.state, core.state.limits, core.pool
+    state.trace_every_nth_token = max(1, args.trace_every_nth_token)
     pool.start()
 
     grpc_server = grpc.aio.server()

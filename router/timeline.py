@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import msgspec
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace import Event as SdkEvent
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from workers.telemetry import extract_context, inject_metadata
@@ -153,36 +154,59 @@ class Timeline:
     # -- the end ----------------------------------------------------------------------------
 
     def finish(self, status: int, every_nth_token: int = 1) -> None:
-        """Close the trace: stage spans and token events from what was recorded."""
+        """Close the trace: stage spans and token events from what was recorded.
+
+        Token events are built in one pass and appended under one lock (the SDK's add_event
+        re-validates attributes per call: ~5 us a token, most of this method's cost).
+        """
         self.status = status
         self.mark("done")
         root = self.root
         if root.is_recording():
             parent = trace.set_span_in_context(root)
-            for st in self.stages():
-                if st.name in ("tokenize", "route"):
-                    span = _tracer.start_span(st.name, context=parent, start_time=self._ns_ms(st.start_ms))
-                    span.end(end_time=self._ns_ms(st.end_ms))
-            prev = None
-            for i, t in enumerate(self.tokens):
-                if i % every_nth_token == 0 or i == len(self.tokens) - 1:
-                    gap = 0.0 if prev is None else (t - prev) * 1e3
-                    root.add_event("token", {"index": i, "gap_ms": gap}, timestamp=self._ns(t))
-                prev = t
-            view = self.view()
-            summary = {"pdrouter.mode": self.mode, "pdrouter.route": self.route,
-                       "http.response.status_code": status, "gen_ai.usage.output_tokens": len(self.tokens),
-                       **self.attrs}  # fmt: skip
-            if view.ttft_ms is not None:
-                summary["pdrouter.ttft_ms"] = view.ttft_ms
-            for key in ("itl_p50_ms", "itl_p95_ms", "itl_max_ms"):
-                value = getattr(view, key)
-                if value is not None:
-                    summary[f"pdrouter.{key}"] = value
-            root.set_attributes({k: v for k, v in summary.items() if v is not None})  # type: ignore[misc]
+            marks = self.marks
+            for name, a, b in TTFT_STAGES[1:3]:  # tokenize, route
+                if a in marks and b in marks:
+                    span = _tracer.start_span(name, context=parent, start_time=self._ns(marks[a]))
+                    span.end(end_time=self._ns(marks[b]))
+            self._token_events(root, every_nth_token)
+            summary: dict[str, object] = {
+                "pdrouter.mode": self.mode, "pdrouter.route": self.route, "http.response.status_code": status,
+                "gen_ai.usage.output_tokens": len(self.tokens), **self.attrs,
+            }  # fmt: skip
+            ttft = self.ttft_ms()
+            if ttft is not None:
+                summary["pdrouter.ttft_ms"] = ttft
+            gaps = sorted(self.gaps_ms())
+            if gaps:
+                summary["pdrouter.itl_p50_ms"] = gaps[len(gaps) // 2]
+                summary["pdrouter.itl_p95_ms"] = gaps[min(len(gaps) - 1, int(len(gaps) * 0.95))]
+                summary["pdrouter.itl_max_ms"] = gaps[-1]
+            root.set_attributes(summary)  # type: ignore[arg-type]
             if status >= 500:
                 root.set_status(Status(StatusCode.ERROR))
         root.end(end_time=self._ns(self.marks["done"]))
+
+    def _token_events(self, root: Span, every_nth: int) -> None:
+        tokens = self.tokens
+        if not tokens:
+            return
+        wall0, t0 = self.wall0_ns, self.t0
+        last = len(tokens) - 1
+        events = []
+        prev = tokens[0]
+        for i, t in enumerate(tokens):
+            if i % every_nth == 0 or i == last:
+                attrs = {"index": i, "gap_ms": (t - prev) * 1e3}
+                events.append(SdkEvent("token", attrs, wall0 + int((t - t0) * 1e9)))
+            prev = t
+        add = getattr(root, "_add_event", None)
+        if add is None:  # NOTE: not the SDK span: the public, slower path
+            for e in events:
+                root.add_event(e.name, e.attributes, e.timestamp)
+            return
+        for e in events:
+            add(e)
 
     def _ns_ms(self, ms: float) -> int:
         return self.wall0_ns + int(ms * 1e6)

@@ -179,3 +179,22 @@ def test_response_id_is_an_alias_and_bad_queries_are_400(stack) -> None:
         raise AssertionError("expected 400")
     except urllib.error.HTTPError as e:
         assert e.code == 400 and json.loads(e.read())["error"]["param"] == "slowest"
+
+
+def test_worker_metrics_endpoint(tmp_path, default_model_dir) -> None:
+    from tests.procs import Proc, pdrouter, wait_http_ok
+
+    port, metrics = free_port(), free_port()
+    proc = Proc(
+        pdrouter("worker", "--engine", "mock", "--num-workers", "2", "--port", str(port),
+                 "--metrics-port", str(metrics)),
+        tmp_path / "worker.log",
+    )  # fmt: skip
+    try:
+        wait_http_ok(f"http://127.0.0.1:{metrics}/metrics", proc, 60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for name in ("requests_running", "kv_blocks_total", "prefix_hit_tokens_total", "kv_handles_pinned"):
+            assert text.count(f"pdrouter_worker_{name}{{") == 2, name  # one sample per worker
+    finally:
+        proc.stop()

@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--served-model-name", default="", help="model id of the HTTP API (default: the model's name)"
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus /metrics on this port (0: off; one for all)",
+    )
     return p
 
 
@@ -249,6 +255,12 @@ async def serve(args: argparse.Namespace) -> None:
     for inst in instances:
         model = inst.engine.spec.name if inst.engine else "?"
         print(f"pdrouter worker {inst.worker_id} ready ({args.engine}, {args.role}, {model})", flush=True)
+    if args.metrics_port:
+        from workers.metrics import WorkerCollector, serve_metrics
+
+        collectors = [WorkerCollector(i.worker_id, i.engine, i.kv) for i in instances if i.engine is not None]
+        serve_metrics(args.host, args.metrics_port, collectors)
+        print(f"pdrouter worker metrics http://{args.host}:{args.metrics_port}/metrics", flush=True)
     await asyncio.gather(*(inst.start_http() for inst in instances if inst.http_port))
     for inst in instances:
         if inst.http_port:

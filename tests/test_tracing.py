@@ -35,9 +35,8 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         with self.lock:
             for rs in request.resource_spans:
-                service = next(
-                    (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
-                )
+                res = {a.key: a.value.string_value for a in rs.resource.attributes}
+                service = f"{res.get('service.name', '')}@{res.get('service.instance.id', '')}"
                 for ss in rs.scope_spans:
                     self.spans.extend((service, span) for span in ss.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -104,7 +103,7 @@ def _wait_spans(collector: Collector, trace_id: str, check, timeout: float = 15.
         if check(spans):
             return spans
         if time.monotonic() > deadline:
-            names = sorted((svc, s.name) for svc, s in spans)
+            names = sorted((svc.split("@")[0], s.name) for svc, s in spans)
             raise TimeoutError(f"spans of {trace_id} incomplete after {timeout} s: {names}")
         time.sleep(0.05)  # poll the receiver
 
@@ -115,7 +114,7 @@ def test_one_trace_across_three_processes_with_a_token_event_per_token(stack, co
     assert route_workers(headers["x-pdrouter-route"])["mode"] == "disaggregated"
 
     def complete(spans) -> bool:
-        names = {(svc, s.name) for svc, s in spans}
+        names = {(svc.split("@")[0], s.name) for svc, s in spans}
         return {("pdrouter-router", "request"), ("pdrouter-worker", "prefill"),
                 ("pdrouter-worker", "decode"), ("pdrouter-worker", "kv_transfer")} <= names  # fmt: skip
 
@@ -134,8 +133,11 @@ def test_one_trace_across_three_processes_with_a_token_event_per_token(stack, co
     ids = {s.span_id for _, s in spans}
     for name in ("prefill", "decode", "kv_transfer", "tokenize", "route"):
         assert by_name[name].parent_span_id in ids, name
-    services = {svc for svc, _ in spans}
-    assert services == {"pdrouter-router", "pdrouter-worker"}
+    processes = {svc for svc, _ in spans}  # router, prefill worker, decode worker
+    assert len(processes) == 3 and {p.split("@")[0] for p in processes} == {
+        "pdrouter-router",
+        "pdrouter-worker",
+    }
     transfer = {a.key: a.value for a in by_name["kv_transfer"].attributes}
     assert transfer["pdrouter.kv.blocks"].int_value >= 1 and transfer["pdrouter.kv.backend"].string_value
 

@@ -14,6 +14,7 @@ torch-free modules (model files); it imports neither torch nor the router.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable, Mapping
 
 from opentelemetry import propagate, trace
@@ -42,7 +43,10 @@ def setup_tracing(service_name: str) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    instance = f"{socket.gethostname()}:{os.getpid()}"
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name, "service.instance.id": instance})
+    )
     if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "console":
         exporter = ConsoleSpanExporter()
     elif os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").startswith("http"):

@@ -73,6 +73,7 @@ def build_router_app(
     session_affinity: bool = True,
     overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
     kv_index: str = "exact",
+    migration_limit: int = 3,
 ) -> RouterApp:
     """Everything between the HTTP/gRPC front ends and the workers; the caller starts the pool."""
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -99,7 +100,9 @@ def build_router_app(
         pending_ttl_s=APPROX_TTL_S if approx else PENDING_TTL_S,
     )
     limits = model_limits(model_dir, served_model_name)
-    state = RouterState(Orchestrator(planner, tokenizer), tokenizer, limits, max_body_bytes)
+    state = RouterState(
+        Orchestrator(planner, tokenizer, migration_limit=migration_limit), tokenizer, limits, max_body_bytes
+    )
     return RouterApp(state, HttpApp(state), pool)
 
 

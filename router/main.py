@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact: from the workers' KV events; approx: from this router's own routes (no events)",
     )
     p.add_argument(
+        "--migration-limit",
+        type=int,
+        default=3,
+        help="times a broken decode stream is resumed on another worker (0: never)",
+    )
+    p.add_argument(
         "--trace-every-nth-token",
         type=int,
         default=1,
@@ -83,6 +89,7 @@ async def serve(args: argparse.Namespace) -> None:
         session_affinity=not args.no_session_affinity,
         overlap_weight=args.kv_overlap_weight,
         kv_index=args.kv_index,
+        migration_limit=args.migration_limit,
     )
     state, limits, pool = core.state, core.state.limits, core.pool
     state.trace_every_nth_token = max(1, args.trace_every_nth_token)

@@ -15,6 +15,9 @@ class RouterMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("pdrouter_requests", "Requests by endpoint, HTTP status and route mode",
                                 ["endpoint", "status", "mode"], registry=r)  # fmt: skip
+        self.migrations = Counter(
+            "pdrouter_migrations", "Decode streams resumed on another worker after theirs broke", registry=r
+        )
         self.in_flight = Gauge("pdrouter_requests_in_flight", "Requests being served", registry=r)
         self.ttft = Histogram(
             "pdrouter_ttft_seconds", "Time to first token", ["mode"], buckets=LATENCY_BUCKETS, registry=r

@@ -62,6 +62,10 @@ class ChoiceDelta:
     completion_tokens: int = 0
 
 
+class _StreamBroke(Exception):
+    """A decode stream that ended without its Complete: the worker went away mid-generation."""
+
+
 def _client_span(name: str, worker: WorkerClient):
     """A span for this call (when the request has a timeline) and the metadata carrying it."""
     tl = timeline.current()
@@ -94,9 +98,11 @@ class _Choice:
         self.stops = StopStringMatcher(gen.stop) if gen.stop else None
         self.want_logprobs = gen.logprobs is not None
         self.num_tokens = 0
+        self.token_ids: list[int] = []  # everything generated so far: what a migration resumes from
 
     def chunk(self, chunk: pb.TokenChunk) -> ChoiceDelta:
         self.num_tokens += len(chunk.token_ids)
+        self.token_ids.extend(chunk.token_ids)
         delta = ChoiceDelta(self.index, token_ids=list(chunk.token_ids))
         text = self.detok.add(chunk.token_ids)
         if self.want_logprobs:
@@ -121,12 +127,17 @@ class _Choice:
 
 class Orchestrator:
     def __init__(
-        self, planner: RoutePlanner, tokenizer: Tokenizer, metrics: RouterMetrics | None = None
+        self,
+        planner: RoutePlanner,
+        tokenizer: Tokenizer,
+        metrics: RouterMetrics | None = None,
+        migration_limit: int = 3,
     ) -> None:
         self.planner = planner
         self.pool = planner.pool
         self.tokenizer = tokenizer
         self.metrics = metrics or RouterMetrics()
+        self.migration_limit = migration_limit  # decode streams resumed elsewhere, per choice
 
     def route(self, gen: GenerationRequest, session_id: str = "") -> list[Route]:
         """Plan every choice before any byte is sent, so routing errors are still clean 5xx."""
@@ -296,6 +307,7 @@ class Orchestrator:
     ) -> AsyncIterator[ChoiceDelta]:
         worker = route.decode
         tried: set[str] = set()
+        migrations = 0
         while True:
             tried.add(worker.address)
             current = worker
@@ -324,20 +336,39 @@ class Orchestrator:
                         return
                     else:
                         raise _worker_error(resp.error)
-                raise ApiError(
-                    502,
-                    f"worker {current.worker_id} ended the stream without completing",
-                    None,
-                    "worker_error",
-                )
-            except grpc.aio.AioRpcError as exc:
-                if got_any or exc.code() not in _RETRYABLE:
+                raise _StreamBroke(f"worker {current.worker_id} ended the stream without completing")
+            except (grpc.aio.AioRpcError, _StreamBroke) as exc:
+                broke = got_any or isinstance(exc, _StreamBroke)
+                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+                if not broke and code not in _RETRYABLE:
                     raise ApiError(
                         502, f"worker {current.worker_id} failed: {exc.details()}", None, "worker_error"
                     ) from exc
                 current.mark_unhealthy()
                 others = [w for w in self.pool.healthy("decode") if w.address not in tried]
-                if not others:
+                if broke:
+                    # NOTE: mid-generation: resume on another worker from the prompt + every token
+                    # the client already has (it recomputes their KV); the stream goes on unbroken
+                    if migrations >= self.migration_limit or not others:
+                        raise ApiError(
+                            502,
+                            f"worker {current.worker_id} failed mid-stream after {choice.num_tokens} tokens "
+                            f"and no migration was possible ({migrations} of {self.migration_limit} used)",
+                            None,
+                            "worker_error",
+                        ) from exc
+                    migrations += 1
+                    self.metrics.migrations.inc()
+                    log.warning(
+                        "%s: worker %s broke after %d tokens; migrating to %s",
+                        request.request_id, current.worker_id, choice.num_tokens, others[0].worker_id,
+                    )  # fmt: skip
+                    request.generated_token_ids[:] = choice.token_ids
+                    request.ClearField("kv_handle")
+                    if request.params.max_tokens - len(choice.token_ids) <= 0:
+                        yield choice.finish("length", len(prompt), 0)
+                        return
+                elif not others:
                     raise ApiError(
                         503,
                         "No healthy decode worker is available; try again shortly.",

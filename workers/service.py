@@ -216,7 +216,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         span = _server_span("decode", context, rid, num_prompt)
         parent = trace.set_span_in_context(span)
         kv_import = self.kv.importer(rid, handle, parent) if handle is not None else None
-        gen = self.engine.generate(rid, prompt + prior, params, kv_import=kv_import)
+        gen = self.engine.generate(
+            rid, prompt + prior, params, kv_import=kv_import, num_user_prompt_tokens=len(prompt)
+        )
         try:
             async for out in gen:
                 if handle is not None:  # the import is over (pulled, or recomputed): release it

@@ -155,6 +155,7 @@ class Engine:
         *,
         pin_on_finish: bool = False,
         kv_import: KvImport | None = None,
+        num_user_prompt_tokens: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield new tokens as they come; closing the iterator early aborts the request.
 
@@ -167,6 +168,8 @@ class Engine:
         seq = Sequence(request_id, prompt_token_ids, params, time.monotonic())
         seq.pin_on_finish = pin_on_finish
         seq.kv_import = kv_import
+        if num_user_prompt_tokens is not None:
+            seq.num_user_prompt_tokens = num_user_prompt_tokens
         stream = _Stream(seq)
         self._streams[request_id] = stream
         self._submit(request_id, seq)

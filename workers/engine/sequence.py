@@ -47,6 +47,7 @@ class Sequence:
         "num_cached_tokens",
         "num_computed_tokens",
         "num_prompt_tokens",
+        "num_user_prompt_tokens",
         "params",
         "pin_on_finish",
         "request_id",
@@ -60,6 +61,8 @@ class Sequence:
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        # NOTE: a decode leg or a migrated stream arrives as prompt + tokens generated elsewhere
+        self.num_user_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_table: list[int] = []

@@ -113,10 +113,9 @@ class MockRunner:
         seq = item.seq
         key = self._prompt_keys.get(seq.request_id)
         if key is None:
-            # NOTE: a decode leg's prompt ends with the prefill worker's first token; key on the
-            # user's prompt so both modes give the same tokens.
-            n = seq.kv_import.num_tokens if seq.kv_import is not None else seq.num_prompt_tokens
-            prompt = seq.token_ids[:n]
+            # NOTE: a decode leg or a migrated stream carries tokens generated elsewhere after the
+            # prompt; key on the user's prompt so every path gives the same tokens.
+            prompt = seq.token_ids[: seq.num_user_prompt_tokens]
             key = xxhash.xxh3_64_intdigest(repr((prompt, seq.params.seed)).encode())
             self._prompt_keys[seq.request_id] = key
         pos = seq.num_tokens

@@ -98,6 +98,20 @@ def _trace_headers(scope: dict) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")}
 
 
+def _deadline_s(scope: dict) -> float | None:
+    """The client's deadline for the whole request, in seconds (`x-request-timeout` header)."""
+    raw = _header(scope, b"x-request-timeout")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86_400:
+        raise invalid("'x-request-timeout' must be a number of seconds in (0, 86400)", "x-request-timeout")
+    return value
+
+
 def _mark(name: str) -> None:
     tl = timeline.current()
     if tl is not None:
@@ -330,11 +344,18 @@ class HttpApp:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        deadline = _deadline_s(scope)
         try:
-            if gen.stream:
-                await self._stream(gen, route, resp, extra)
-            else:
-                await self._collect(gen, route, resp, extra)
+            async with asyncio.timeout(deadline):
+                if gen.stream:
+                    await self._stream(gen, route, resp, extra)
+                else:
+                    await self._collect(gen, route, resp, extra)
+        except TimeoutError:
+            raise ApiError(
+                504, f"The request's deadline of {deadline:g} s (x-request-timeout) passed",
+                "x-request-timeout", "deadline_exceeded",
+            ) from None  # fmt: skip
         finally:
             watcher.cancel()
 

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="times a broken decode stream is resumed on another worker (0: never)",
     )
     p.add_argument(
+        "--stream-idle-timeout-s",
+        type=float,
+        default=60.0,
+        help="a decode stream silent this long is broken: migrated, or failed with a clear error",
+    )
+    p.add_argument(
         "--trace-every-nth-token",
         type=int,
         default=1,
@@ -93,6 +99,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     state, limits, pool = core.state, core.state.limits, core.pool
     state.trace_every_nth_token = max(1, args.trace_every_nth_token)
+    state.orchestrator.idle_timeout_s = args.stream_idle_timeout_s
     pool.start()
 
     grpc_server = grpc.aio.server()

@@ -62,6 +62,10 @@ class ChoiceDelta:
     completion_tokens: int = 0
 
 
+def _why(exc: BaseException) -> str:
+    return f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+
+
 class _StreamBroke(Exception):
     """A decode stream that ended without its Complete: the worker went away mid-generation."""
 
@@ -138,6 +142,7 @@ class Orchestrator:
         self.tokenizer = tokenizer
         self.metrics = metrics or RouterMetrics()
         self.migration_limit = migration_limit  # decode streams resumed elsewhere, per choice
+        self.idle_timeout_s = 60.0  # a decode stream silent this long is broken (stalled worker)
 
     def route(self, gen: GenerationRequest, session_id: str = "") -> list[Route]:
         """Plan every choice before any byte is sent, so routing errors are still clean 5xx."""
@@ -316,7 +321,15 @@ class Orchestrator:
             current.in_flight += 1
             got_any = False
             try:
-                async for resp in call:
+                while True:
+                    try:
+                        resp = await asyncio.wait_for(call.read(), self.idle_timeout_s)
+                    except TimeoutError:
+                        raise _StreamBroke(
+                            f"worker {current.worker_id} sent nothing for {self.idle_timeout_s:g} s"
+                        ) from None
+                    if resp is grpc.aio.EOF:
+                        break
                     got_any = True
                     kind = resp.WhichOneof("kind")
                     if kind == "chunk":
@@ -360,8 +373,9 @@ class Orchestrator:
                     migrations += 1
                     self.metrics.migrations.inc()
                     log.warning(
-                        "%s: worker %s broke after %d tokens; migrating to %s",
-                        request.request_id, current.worker_id, choice.num_tokens, others[0].worker_id,
+                        "%s: worker %s broke after %d tokens (%s); migrating to %s",
+                        request.request_id, current.worker_id, choice.num_tokens, _why(exc),
+                        others[0].worker_id,
                     )  # fmt: skip
                     request.generated_token_ids[:] = choice.token_ids
                     request.ClearField("kv_handle")

@@ -71,6 +71,7 @@ class WorkerPool:
         self.workers = [WorkerClient(a) for a in addresses]
         self.on_event = on_event
         self.on_down = on_down  # a worker went unhealthy: forget what it held (its snapshot refills)
+        self.stall_timeout_s = 3.0  # no event (load reports come every 0.5 s) for this long: ejected
         self.block_size = 16  # settled by the first worker's Info; every worker must agree
         self._block_size_known = False
         self._changed = asyncio.Event()
@@ -122,7 +123,17 @@ class WorkerPool:
                     raise _Incompatible
                 stream = w.stub.Subscribe(pb.SubscribeRequest(subscriber_id="router"))
                 expected = 1
-                async for event in stream:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(stream.read(), self.stall_timeout_s)
+                    except TimeoutError:
+                        # NOTE: load reports come every 0.5 s; silence means a stalled worker
+                        # (SIGSTOP, a hung engine): eject it; reconnecting is the half-open probe
+                        log.warning("worker %s silent for %.1f s; ejecting", w.address, self.stall_timeout_s)
+                        stream.cancel()
+                        break
+                    if event is grpc.aio.EOF:
+                        break
                     if event.seq != expected:
                         log.warning(
                             "worker %s event gap (%d != %d); resubscribing", w.address, event.seq, expected

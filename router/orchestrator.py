@@ -265,9 +265,7 @@ class Orchestrator:
                     return
         finally:
             if handle_owner is not None:
-                task = asyncio.ensure_future(self._release(handle_owner, rid, request.kv_handle.token))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
+                _spawn(self._release(handle_owner, rid, request.kv_handle.token))
             self.planner.finished(rid)
 
     async def _prefill(
@@ -286,6 +284,11 @@ class Orchestrator:
             span, metadata = _client_span("prefill", current)
             try:
                 resp = await current.stub.Prefill(msg, metadata=metadata)
+            except asyncio.CancelledError:
+                # NOTE: the client left while the worker may already have pinned the prompt's
+                # blocks and published a handle we will never see: release it by request id
+                _spawn(self._release(current, request.request_id, b"", by_id=True))
+                raise
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     detail = f"prefill worker {current.worker_id} failed: {exc.details()}"
@@ -395,14 +398,25 @@ class Orchestrator:
                 call.cancel()
                 _end(span)
 
-    async def _release(self, worker: WorkerClient, request_id: str, token: bytes) -> None:
-        if not token:
+    async def _release(
+        self, worker: WorkerClient, request_id: str, token: bytes, by_id: bool = False
+    ) -> None:
+        """Give a handle back; `by_id` (no token: the router never saw it) releases whatever that
+        request pinned there. Idempotent on the worker."""
+        if not token and not by_id:
             return
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             await worker.stub.Release(pb.ReleaseRequest(request_id=request_id, token=token), timeout=5)
 
 
 _background: set[asyncio.Future] = set()
+
+
+def _spawn(coro) -> None:
+    """Run `coro` to completion even if the request's task is cancelled (kept referenced)."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _logprobs(chunk: pb.TokenChunk) -> list[TokenLogprob]:

@@ -78,3 +78,21 @@ def test_abort_frees_blocks() -> None:
     assert sch.bm.num_free_blocks < 8
     assert sch.abort("a") is a and a.finish_reason is FinishReason.ABORT
     assert sch.bm.num_free_blocks == 8 and sch.abort("a") is None
+
+
+def test_abort_of_a_finished_pinned_sequence_unpins_it() -> None:
+    """The prefill leg finished (blocks pinned) but its caller left before publishing them."""
+    from tests.engine_helpers import make_scheduler
+    from workers.engine.sequence import SamplingParams, Sequence
+
+    sched = make_scheduler(num_blocks=8, block_size=4)
+    seq = Sequence("p1", list(range(10, 20)), SamplingParams(max_tokens=1))
+    seq.pin_on_finish = True
+    sched.add(seq)
+    batch = sched.schedule()
+    from workers.engine.sequence import SampledToken
+
+    sched.postprocess(batch, [SampledToken(5)])
+    assert "p1" in sched.pinned and sched.bm.num_free_blocks < 8
+    assert sched.abort("p1") is None
+    assert "p1" not in sched.pinned and sched.bm.num_free_blocks == 8

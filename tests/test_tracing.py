@@ -187,6 +187,8 @@ def test_worker_metrics_endpoint(tmp_path, default_model_dir) -> None:
     from tests.procs import Proc, pdrouter, wait_http_ok
 
     port, metrics = free_port(), free_port()
+    while metrics in (port, port + 1):  # NOTE: the second worker takes port + 1
+        metrics = free_port()
     proc = Proc(
         pdrouter("worker", "--engine", "mock", "--num-workers", "2", "--port", str(port),
                  "--metrics-port", str(metrics)),

@@ -75,6 +75,9 @@ class Scheduler:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = FinishReason.ABORT
             return seq
+        # NOTE: finished with its blocks pinned, but its caller left before it could publish
+        # them (the abort comes from a consumer that never saw the last output): unpin now
+        self.unpin(request_id)
         return None
 
     def unpin(self, request_id: str) -> bool:

@@ -104,3 +104,28 @@ async def test_validation_errors() -> None:
             await _collect(engine, "x", [5], max_tokens=0)
     finally:
         engine.stop()
+
+
+async def test_admission_refuses_beyond_max_waiting() -> None:
+    """Overload: with N requests already waiting, the next is refused at once (not queued forever)."""
+    engine = make_engine(max_num_seqs=1, delay_ms=5.0)
+    engine.max_waiting = 2
+    engine.start()
+    try:
+        gens = [
+            engine.generate(f"q{i}", [10, 11, 12], SamplingParams(max_tokens=50, ignore_eos=True))
+            for i in range(3)
+        ]
+        firsts = [asyncio.ensure_future(g.__anext__()) for g in gens]
+        await asyncio.sleep(0)  # NOTE: let the three submit (no timing: generate() enqueues at once)
+        with pytest.raises(EngineError, match="queue is full") as info:
+            async for _ in engine.generate("over", [10, 11, 12], SamplingParams(max_tokens=1)):
+                pass
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+        for f in firsts:
+            f.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for g in gens:
+            await g.aclose()
+    finally:
+        engine.stop()

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default="", help="model id of the HTTP API (default: the model's name)"
     )
     p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=0,
+        help="refuse new requests (RESOURCE_EXHAUSTED) while N wait (0: no limit)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=0,
@@ -201,6 +207,7 @@ class WorkerInstance:
     async def load(self) -> None:
         """Readiness is NOT_SERVING until the engine is loaded and warmed up."""
         self.engine = await asyncio.to_thread(build_engine, self.args)
+        self.engine.max_waiting = self.args.max_waiting
         self.engine.start()
         await warm_up(self.engine)
         if self.engine.runner.transfer_pool is not None:

@@ -95,6 +95,7 @@ class Engine:
         self.num_steps = 0
         self._pulls: set[asyncio.Future] = set()
         self.num_generated_tokens = 0
+        self.max_waiting = 0  # admission: refuse new requests while this many wait (0: no limit)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -138,6 +139,11 @@ class Engine:
         bad = next((t for t in prompt_token_ids if t < 0 or t >= vocab), None)
         if bad is not None:
             raise EngineError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if self.max_waiting and len(self._streams) - len(self.scheduler.running) >= self.max_waiting:
+            raise EngineError(
+                f"worker queue is full ({self.max_waiting} requests waiting); try another worker or later",
+                "RESOURCE_EXHAUSTED",
+            )
         bs = self.block_manager.block_size
         need = -(-min(n + params.max_tokens, limit) // bs)
         if need > self.block_manager.num_blocks:

@@ -1,0 +1,163 @@
+"""Soak: a steady stream of requests, random client cancellations and a worker restart.
+
+    python -m bench.soak [--quick] [--minutes M] [--rate R]
+
+One router over one prefill and two decode mock workers (disaggregated: long prompts), each
+started as its own process. Poisson arrivals at `--rate` req/s of streaming chat requests; a
+fifth of them are cancelled by the client after a few tokens; half-way through, one decode
+worker is killed with SIGKILL and started again on the same port (its streams migrate). Reports
+requests lost (neither completed nor cancelled by us: the goal is 0), errors by kind, latency
+percentiles, and the router's RSS over time. `--quick`: one minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import openai
+
+from bench.common import headline, pct, save, table
+from tests.kv_helpers import worker_load
+from tests.procs import Proc, free_port, pdrouter, wait_http_ok
+from workers.model_files import resolve_model
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+class Fleet:
+    def __init__(self, tmp: Path, model: str) -> None:
+        self.tmp, self.model = tmp, model
+        self.common = ["--engine", "mock", "--model", model, "--mock-timing", "2,0.05,0,5,0.1,0"]
+        self.ports = {"prefill": free_port(), "decode-a": free_port(), "decode-b": free_port()}
+        self.procs = {name: self._worker(name) for name in self.ports}
+        hport = free_port()
+        argv = pdrouter("router", "--port", str(hport), "--grpc-port", str(free_port()), "--model", model,
+                        "--local-prefill-max-tokens", "16", "--stream-idle-timeout-s", "5")  # fmt: skip
+        for port in self.ports.values():
+            argv += ["--worker", f"127.0.0.1:{port}"]
+        self.router = Proc(argv, tmp / "router.log")
+        self.base = f"http://127.0.0.1:{hport}"
+        wait_http_ok(self.base + "/ready", self.router, 60)
+
+    def _worker(self, name: str) -> Proc:
+        role = "prefill" if name == "prefill" else "decode"
+        argv = pdrouter("worker", "--role", role, "--port", str(self.ports[name]), *self.common)
+        return Proc(argv, self.tmp / f"{name}-{time.monotonic_ns()}.log")
+
+    def restart(self, name: str) -> None:
+        self.procs[name].proc.kill()
+        self.procs[name].stop()
+        self.procs[name] = self._worker(name)
+
+    def stop(self) -> None:
+        self.router.stop()
+        for p in self.procs.values():
+            p.stop()
+
+
+async def soak(fleet: Fleet, seconds: float, rate: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    client = openai.AsyncOpenAI(base_url=fleet.base + "/v1", api_key="x", max_retries=0, timeout=120)
+    outcomes: Counter[str] = Counter()
+    latencies: list[float] = []
+    rss: list[tuple[float, float]] = []
+    t0 = time.perf_counter()
+    tasks = []
+
+    async def one(i: int, cancel_after: int | None) -> None:
+        start = time.perf_counter()
+        try:
+            stream = await client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": f"soak {seed} {i} " + "w " * 60}],
+                max_tokens=32, stream=True, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            n = 0
+            async for chunk in stream:
+                n += 1
+                if cancel_after is not None and n >= cancel_after:
+                    await stream.close()
+                    outcomes["cancelled by client"] += 1
+                    return
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    break
+            outcomes["completed"] += 1
+            latencies.append(time.perf_counter() - start)
+        except openai.APIStatusError as e:
+            outcomes[f"error {e.status_code}"] += 1
+        except Exception as e:
+            outcomes[f"error {type(e).__name__}"] += 1
+
+    restarted = False
+    i = 0
+    next_sample = 0.0
+    while (now := time.perf_counter() - t0) < seconds:
+        if now >= next_sample:
+            rss.append((round(now, 1), round(_rss_mib(fleet.router.pid), 1)))
+            next_sample += 5
+        if not restarted and now >= seconds / 2:
+            fleet.restart("decode-a")
+            restarted = True
+        cancel = rng.randint(2, 10) if rng.random() < 0.2 else None
+        tasks.append(asyncio.create_task(one(i, cancel)))
+        i += 1
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    await client.close()
+    rss.append((round(time.perf_counter() - t0, 1), round(_rss_mib(fleet.router.pid), 1)))
+    return {"sent": i, "outcomes": dict(outcomes), "latencies": latencies, "rss": rss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--minutes", type=float, default=0.0)
+    ap.add_argument("--rate", type=float, default=20.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    seconds = 60 * (args.minutes or (0.75 if args.quick else 5))
+    with tempfile.TemporaryDirectory(prefix="pdrouter-soak-") as tmp:
+        fleet = Fleet(Path(tmp), str(resolve_model("default")))
+        try:
+            result = asyncio.run(soak(fleet, seconds, args.rate, args.seed))
+            time.sleep(1)  # NOTE: let releases land before reading the workers' state
+            leftovers = {name: worker_load(f"127.0.0.1:{port}") for name, port in fleet.ports.items()}
+        finally:
+            fleet.stop()
+    out = result["outcomes"]
+    lost = sum(v for k, v in out.items() if k.startswith("error"))
+    lat = result["latencies"]
+    used = sum(ld.kv_blocks_used for ld in leftovers.values())
+    pinned = sum(ld.kv_transfer.handles_pinned for ld in leftovers.values())
+    print(f"{seconds:g} s at {args.rate:g} req/s, 20% cancelled by the client, decode-a restarted half-way")
+    print(table(["outcome", "requests"], [[k, v] for k, v in sorted(out.items())]))
+    print(f"e2e latency: p50 {pct(lat, 50) * 1e3:.0f} ms, p99 {pct(lat, 99) * 1e3:.0f} ms")
+    print("router RSS MiB over time: " + ", ".join(f"{t:g}s {m:g}" for t, m in result["rss"]))
+    print(f"afterwards: {used} KV blocks used, {pinned} handles pinned")
+    rss = [m for _, m in result["rss"]]
+    figures = {
+        "sent": result["sent"],
+        "completed": out.get("completed", 0),
+        "cancelled_by_client": out.get("cancelled by client", 0),
+        "lost": lost,
+        "p99_e2e_ms": round(pct(lat, 99) * 1e3, 1),
+        "rss_start_mib": rss[0],
+        "rss_end_mib": rss[-1],
+        "blocks_used_after": used,
+        "handles_pinned_after": pinned,
+    }
+    path = save("soak", {"seconds": seconds, "rate": args.rate, **result, **figures})
+    print(f"wrote {path}")
+    headline(figures)
+
+
+if __name__ == "__main__":
+    main()

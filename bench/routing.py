@@ -186,14 +186,14 @@ def _get(url: str) -> str:
         return r.read().decode()
 
 
-def start_sglang(tmp: Path, workers: Workers) -> tuple[Proc, str]:
+def start_sglang(tmp: Path, workers: Workers, policy: str = "cache_aware") -> tuple[Proc, str]:
     py = SGLANG_VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(SGLANG_VENV)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "sglang-router"], check=True)
     port = free_port()
     argv = [str(py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-            "--policy", "cache_aware", "--prometheus-port", str(free_port()),
+            "--policy", policy, "--prometheus-port", str(free_port()),
             "--worker-urls", *workers.http_urls]  # fmt: skip
     proc = Proc(argv, tmp / "sglang-router.log")
     base = f"http://127.0.0.1:{port}"

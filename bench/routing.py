@@ -47,7 +47,7 @@ import openai
 from bench.common import headline, pct, save, table
 from bench.routing_decision import run_case
 from router.tokenizer import Tokenizer
-from tests.procs import Proc, free_port, pdrouter, wait_http_ok
+from tests.procs import Proc, free_port, free_port_run, pdrouter, wait_http_ok
 from workers.model_files import resolve_model
 
 PREFIX_TOKENS = 1024
@@ -105,8 +105,8 @@ class Workers:
     process, or N real-model workers, one process each, sharing this machine's cores."""
 
     def __init__(self, tmp: Path, n: int, timing: str, http: bool, engine: str = "mock") -> None:
-        self.grpc = _free_run(n)
-        self.http = _free_run(n) if http else 0
+        self.grpc = free_port_run(n)
+        self.http = free_port_run(n) if http else 0
         self.procs: list[Proc] = []
         if engine == "mock":
             argv = pdrouter(
@@ -133,26 +133,6 @@ class Workers:
     def stop(self) -> None:
         for proc in self.procs:
             proc.stop()
-
-
-def _free_run(n: int) -> int:
-    """A base port with n free ports after it (bounded tries)."""
-    for _ in range(50):
-        base = free_port()
-        if base + n < 65000 and all(_is_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no run of {n} free ports")
-
-
-def _is_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _wait_log(proc: Proc, word: str, count: int, timeout: float) -> None:

@@ -24,13 +24,8 @@ import openai
 
 from bench.common import headline, pct, save, table
 from tests.kv_helpers import worker_load
-from tests.procs import Proc, free_port, pdrouter, wait_http_ok
+from tests.procs import Proc, free_port, pdrouter, rss_kib, wait_http_ok
 from workers.model_files import resolve_model
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 class Fleet:
@@ -101,7 +96,7 @@ async def soak(fleet: Fleet, seconds: float, rate: float, seed: int) -> dict:
     next_sample = 0.0
     while (now := time.perf_counter() - t0) < seconds:
         if now >= next_sample:
-            rss.append((round(now, 1), round(_rss_mib(fleet.router.pid), 1)))
+            rss.append((round(now, 1), round(rss_kib(fleet.router.pid) / 1024, 1)))
             next_sample += 5
         if not restarted and now >= seconds / 2:
             fleet.restart("decode-a")
@@ -112,7 +107,7 @@ async def soak(fleet: Fleet, seconds: float, rate: float, seed: int) -> dict:
         await asyncio.sleep(rng.expovariate(rate))
     await asyncio.gather(*tasks)
     await client.close()
-    rss.append((round(time.perf_counter() - t0, 1), round(_rss_mib(fleet.router.pid), 1)))
+    rss.append((round(time.perf_counter() - t0, 1), round(rss_kib(fleet.router.pid) / 1024, 1)))
     return {"sent": i, "outcomes": dict(outcomes), "latencies": latencies, "rss": rss}
 
 

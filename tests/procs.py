@@ -21,6 +21,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(n: int) -> int:
+    """A base port with n free ports in a row (for --num-workers N, which takes PORT..PORT+N-1)."""
+    for _ in range(50):
+        base = free_port()
+        if base + n < 65000 and all(_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no run of {n} free ports")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class Proc:
     """A child process whose output goes to a log file we can show when a test fails."""
 
@@ -114,3 +132,46 @@ class Stack:
 
     def stop(self) -> int:
         return self.proc.stop()
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+class PrefillDecode:
+    """A router over one prefill and one decode mock worker, each its own process (so a test can
+    kill one), every request with a longer prompt than 16 tokens disaggregated."""
+
+    def __init__(self, tmp: Path, model_dir: Path, token_delay_ms: float = 1.0) -> None:
+        pport, dport, hport = free_port(), free_port(), free_port()
+        model = str(model_dir)
+        common = ["--engine", "mock", "--model", str(model_dir), "--mock-token-delay-ms", str(token_delay_ms)]
+        self.prefill = Proc(
+            pdrouter("worker", "--role", "prefill", "--port", str(pport), *common), tmp / "p.log"
+        )
+        self.decode = Proc(
+            pdrouter("worker", "--role", "decode", "--port", str(dport), *common), tmp / "d.log"
+        )
+        self.router = Proc(
+            pdrouter("router", "--port", str(hport), "--grpc-port", str(free_port()), "--model", model,
+                     "--worker", f"127.0.0.1:{pport}", "--worker", f"127.0.0.1:{dport}",
+                     "--local-prefill-max-tokens", "16"),
+            tmp / "r.log",
+        )  # fmt: skip
+        self.workers = [f"127.0.0.1:{pport}", f"127.0.0.1:{dport}"]
+        self.base = f"http://127.0.0.1:{hport}"
+        try:
+            wait_http_ok(self.base + "/ready", self.router, 60)
+            deadline = time.monotonic() + 30
+            while f"127.0.0.1:{pport} is healthy" not in self.router.log():  # NOTE: /ready needs decode only
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the router never saw the prefill worker")
+                time.sleep(0.05)  # readiness poll
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for p in (self.router, self.prefill, self.decode):
+            p.stop()

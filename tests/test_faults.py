@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from tests.kv_helpers import wait_for, worker_load
-from tests.procs import Proc, free_port, pdrouter, wait_http_ok
+from tests.procs import PrefillDecode, Proc, free_port, pdrouter, wait_http_ok
 from tests.test_migration import _start, _streams
 
 pytestmark = pytest.mark.integration
@@ -53,33 +53,19 @@ def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]
 
 
 def test_dead_prefill_worker_requests_still_complete(tmp_path, default_model_dir) -> None:
-    pport, dport, hport = free_port(), free_port(), free_port()
-    common = ["--engine", "mock", "--model", str(default_model_dir), "--mock-token-delay-ms", "2"]
-    prefill = Proc(pdrouter("worker", "--role", "prefill", "--port", str(pport), *common), tmp_path / "p.log")
-    decode = Proc(pdrouter("worker", "--role", "decode", "--port", str(dport), *common), tmp_path / "d.log")
-    router = Proc(
-        pdrouter("router", "--port", str(hport), "--grpc-port", str(free_port()),
-                 "--model", str(default_model_dir), "--worker", f"127.0.0.1:{pport}",
-                 "--worker", f"127.0.0.1:{dport}", "--local-prefill-max-tokens", "16"),
-        tmp_path / "r.log",
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{hport}"
+    pd = PrefillDecode(tmp_path, default_model_dir, token_delay_ms=2)
     body = {"model": "default", "max_tokens": 6, "messages": [{"role": "user", "content": "w " * 120}]}
     try:
-        wait_http_ok(base + "/ready", router, 60)
-        wait_for(lambda: f"127.0.0.1:{pport} is healthy" in router.log(), what="prefill worker seen")
-        status, reply = _post(base + "/v1/chat/completions", body)
+        status, reply = _post(pd.base + "/v1/chat/completions", body)
         assert status == 200 and reply["usage"]["completion_tokens"] == 6
-        prefill.proc.kill()
+        pd.prefill.proc.kill()
         for i in range(5):  # the prefill pool is gone: the decode worker prefills locally
             body["messages"][0]["content"] = f"{i} " + "w " * 120
-            status, reply = _post(base + "/v1/chat/completions", body)
+            status, reply = _post(pd.base + "/v1/chat/completions", body)
             assert status == 200 and reply["usage"]["completion_tokens"] == 6, reply
-        assert worker_load(f"127.0.0.1:{dport}").kv_blocks_used == 0
+        assert worker_load(pd.workers[1]).kv_blocks_used == 0
     finally:
-        router.stop()
-        prefill.stop()
-        decode.stop()
+        pd.stop()
 
 
 def test_request_deadline_ends_the_work(tmp_path, default_model_dir) -> None:

@@ -10,14 +10,9 @@ import openai
 import pytest
 
 from tests.kv_helpers import wait_for, worker_load
-from tests.procs import Proc, free_port, pdrouter, wait_http_ok
+from tests.procs import PrefillDecode, rss_kib
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 async def _load(base: str, n: int, seed: int, cancel_share: float = 0.33) -> tuple[int, int]:
@@ -51,26 +46,14 @@ async def _load(base: str, n: int, seed: int, cancel_share: float = 0.33) -> tup
 
 
 def test_no_leaks_after_2000_requests_with_cancellations(tmp_path, default_model_dir) -> None:
-    pport, dport, hport = free_port(), free_port(), free_port()
-    common = ["--engine", "mock", "--model", str(default_model_dir), "--mock-token-delay-ms", "1"]
-    prefill = Proc(pdrouter("worker", "--role", "prefill", "--port", str(pport), *common), tmp_path / "p.log")
-    decode = Proc(pdrouter("worker", "--role", "decode", "--port", str(dport), *common), tmp_path / "d.log")
-    router = Proc(
-        pdrouter("router", "--port", str(hport), "--grpc-port", str(free_port()),
-                 "--model", str(default_model_dir), "--worker", f"127.0.0.1:{pport}",
-                 "--worker", f"127.0.0.1:{dport}", "--local-prefill-max-tokens", "16"),
-        tmp_path / "r.log",
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{hport}"
-    workers = [f"127.0.0.1:{pport}", f"127.0.0.1:{dport}"]
+    pd = PrefillDecode(tmp_path, default_model_dir)
+    base, workers, router = pd.base, pd.workers, pd.router
 
     def settled() -> bool:
         loads = [worker_load(w) for w in workers]
         return all(ld.kv_blocks_used == 0 and ld.kv_transfer.handles_pinned == 0 for ld in loads)
 
     try:
-        wait_http_ok(base + "/ready", router, 60)
-        wait_for(lambda: f"127.0.0.1:{pport} is healthy" in router.log(), what="prefill worker seen")
         asyncio.run(_load(base, 2100, seed=1))  # NOTE: fills the router's ring of 2,048 timelines
         wait_for(settled, 30, "settled after warm-up")
         before = rss_kib(router.pid)
@@ -84,6 +67,4 @@ def test_no_leaks_after_2000_requests_with_cancellations(tmp_path, default_model
         assert after <= before * 1.05, (before, after)
         assert worker_load(workers[1]).kv_transfer.pulls > 500
     finally:
-        router.stop()
-        prefill.stop()
-        decode.stop()
+        pd.stop()

@@ -17,7 +17,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.kv_helpers import route_workers
-from tests.procs import ROOT, Stack, free_port
+from tests.procs import ROOT, Stack, free_port, free_port_run
 
 pytestmark = pytest.mark.integration
 
@@ -186,7 +186,7 @@ def test_response_id_is_an_alias_and_bad_queries_are_400(stack) -> None:
 def test_worker_metrics_endpoint(tmp_path, default_model_dir) -> None:
     from tests.procs import Proc, pdrouter, wait_http_ok
 
-    port, metrics = free_port(), free_port()
+    port, metrics = free_port_run(2), free_port()
     while metrics in (port, port + 1):  # NOTE: the second worker takes port + 1
         metrics = free_port()
     proc = Proc(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -286,16 +285,6 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s"
-    )
-    import uvloop
+    from workers.telemetry import run_service
 
-    from workers.telemetry import setup_tracing, shutdown_tracing
-
-    setup_tracing("pdrouter-worker")
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(serve(args))
-    finally:
-        shutdown_tracing()
+    run_service("pdrouter-worker", serve(args))

@@ -13,9 +13,11 @@ torch-free modules (model files); it imports neither torch nor the router.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -85,3 +87,20 @@ def inject_metadata(context: Context | None = None) -> tuple[tuple[str, str], ..
 
 def metadata_dict(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
     return {k: v for k, v in (pairs or ()) if isinstance(v, str)}
+
+
+def run_service(service_name: str, main: Coroutine[Any, Any, None]) -> None:
+    """A process's entry: logging, tracing, then `main` on uvloop; spans flushed on the way out."""
+    import logging
+
+    import uvloop
+
+    logging.basicConfig(
+        level=os.environ.get("PDROUTER_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s"
+    )
+    setup_tracing(service_name)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(main)
+    finally:
+        shutdown_tracing()

@@ -45,6 +45,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         tl.mark("parsed")
         status = 200
         try:
+            self.state.admit()
+        except ApiError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
+        try:
             gen = await self._build(request)
             tl.mark("tokenized")
             route = self.state.orchestrator.route(gen)
@@ -89,6 +93,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             status = 499
             raise
         finally:
+            self.state.release()
             tl.finish(status, self.state.trace_every_nth_token)
             self.state.timelines.add(tl)
 

@@ -42,6 +42,7 @@ _json = msgspec.json.Encoder()
 _chat_decoder = msgspec.json.Decoder(oa.ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(oa.CompletionRequest)
 _LONG_PROMPT_CHARS = 16_384  # tokenize longer prompts off the event loop
+DRAINING_MESSAGE = "This server is draining (shutting down) and takes no new requests; retry on another one"
 
 
 def _error_from_msgspec(exc: msgspec.DecodeError) -> ApiError:
@@ -69,10 +70,36 @@ class RouterState:
         self.started = int(time.time())
         self.timelines = TimelineRing()
         self.trace_every_nth_token = 1  # token events on the request span: every Nth token
+        self.draining = False
+        self.num_active = 0  # generation requests in progress (what a drain waits for)
+        self._idle = asyncio.Event()
 
     @property
     def ready(self) -> bool:
-        return bool(self.orchestrator.pool.healthy("decode"))
+        return not self.draining and bool(self.orchestrator.pool.healthy("decode"))
+
+    def admit(self) -> None:
+        """A generation request starts: counted until `release`; refused (503) once draining."""
+        if self.draining:
+            raise ApiError(503, DRAINING_MESSAGE, None, "draining")
+        self.num_active += 1
+
+    def release(self) -> None:
+        self.num_active -= 1
+        if not self.num_active:
+            self._idle.set()
+
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new requests and wait up to `seconds` for those in progress; True if all ended."""
+        self.draining = True
+        try:
+            async with asyncio.timeout(seconds):
+                while self.num_active:
+                    self._idle.clear()
+                    await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
@@ -177,8 +204,8 @@ class HttpApp:
             ("GET", "/ready"): self.ready,
             ("GET", "/v1/models"): self.models,
             ("GET", "/metrics"): self.metrics,
-            ("POST", "/v1/chat/completions"): self.chat,
-            ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/chat/completions"): self._counted(self.chat),
+            ("POST", "/v1/completions"): self._counted(self.completions),
         }
         self.paths = {path for _, path in self.routes}
 
@@ -230,6 +257,18 @@ class HttpApp:
             await resp.event(_json.encode(exc.envelope()))
             await resp.end_sse()
 
+    def _counted(self, handler: Callable[[dict, Receive, _Response], Awaitable[None]]):
+        """A generation handler, refused while draining and counted until it ends (a drain waits)."""
+
+        async def run(scope: dict, receive: Receive, resp: _Response) -> None:
+            self.state.admit()
+            try:
+                await handler(scope, receive, resp)
+            finally:
+                self.state.release()
+
+        return run
+
     # -- small endpoints --------------------------------------------------------------------
 
     async def debug_requests(self, scope: dict, receive: Receive, resp: _Response) -> None:
@@ -257,6 +296,8 @@ class HttpApp:
         await resp.json(200, b'{"status":"ok"}')
 
     async def ready(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        if self.state.draining:
+            raise ApiError(503, DRAINING_MESSAGE, None, "draining")
         if self.state.ready:
             await resp.json(200, b'{"status":"ready"}')
         else:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 
 import grpc
-import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdrouter_proto import inference_pb2, inference_pb2_grpc
-from router.app import build_router_app, http_config
+from router.app import _EmbeddedServer, build_router_app, http_config
 from router.grpc_api import InferenceService
+from router.http_api import RouterState
 from router.routing import DEFAULT_OVERLAP_WEIGHT, POLICY_NAMES
+from workers.config import parse_args
 from workers.model_files import resolve_model
 
 log = logging.getLogger("pdrouter.router")
@@ -75,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tracing: a span event for every Nth token (1: every token; the last one always)",
     )
     p.add_argument("--no-session-affinity", action="store_true", help="ignore the x-session-id header")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: /ready 503 and new requests refused, then streams in flight get this long",
+    )
     return p
 
 
@@ -114,22 +123,48 @@ async def serve(args: argparse.Namespace) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
 
-    server = uvicorn.Server(http_config(core.app, args.host, args.port))
+    server = _EmbeddedServer(http_config(core.app, args.host, args.port, graceful_shutdown_s=1.0))
+    http = asyncio.create_task(server.serve(), name="http")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     print(
         f"pdrouter router: http://{args.host}:{args.port}/v1  grpc {args.host}:{args.grpc_port}  "
         f"model={limits.model_name}  workers={','.join(args.worker)}",
         flush=True,
     )
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await server.serve()
+        await asyncio.wait({http, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if http.done():
+            http.result()  # NOTE: the HTTP server could not start (e.g. the port is taken)
+            raise SystemExit(f"pdrouter router: HTTP server on {args.host}:{args.port} stopped")
+        await drain(state, health_servicer, service_name, args.drain_seconds)
     finally:
+        stopping.cancel()
+        server.should_exit = True
+        await asyncio.gather(http, return_exceptions=True)
         await health_servicer.enter_graceful_shutdown()
-        await grpc_server.stop(5)
+        await grpc_server.stop(1)
         await pool.close()
 
 
+async def drain(
+    state: RouterState, health_servicer: health.aio.HealthServicer, service_name: str, seconds: float
+) -> None:
+    """SIGTERM: readiness off (GET /ready 503, gRPC health NOT_SERVING), new requests refused
+    with 503 / UNAVAILABLE, streams in flight finish within `seconds`; the caller then stops."""
+    await health_servicer.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.info("draining: waiting up to %.0f s for %d requests in flight", seconds, state.num_active)
+    if not await state.drain(seconds):
+        log.warning(
+            "drain time (%.0f s) is over with %d requests in flight; stopping", seconds, state.num_active
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, "router")
     from workers.telemetry import run_service
 
     run_service("pdrouter-router", serve(args))

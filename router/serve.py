@@ -18,6 +18,8 @@ import subprocess
 import sys
 import urllib.request
 
+from workers.config import parse_args
+from workers.config import tables as config_tables
 from workers.model_files import resolve_model
 
 
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--worker-arg", action="append", default=[], help="extra argument passed to every worker")
     p.add_argument("--router-arg", action="append", default=[], help="extra argument passed to the router")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: the router, then the workers, get this long to finish requests in flight",
+    )
     return p
 
 
@@ -69,15 +77,19 @@ class Stack:
         return None
 
     def stop(self, grace: float = 10.0) -> None:
-        for _, proc in self.children:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in self.children:
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """SIGTERM the router first (its streams in flight still need the workers), then the
+        workers; whatever outlives `grace` is killed."""
+        router = [p for name, p in self.children if name == "router"]
+        for group in (router, [p for name, p in self.children if name != "router"]):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def _ready(url: str) -> bool:
@@ -100,6 +112,8 @@ async def run(args: argparse.Namespace) -> int:
         raise SystemExit("pdrouter serve: prefill workers need at least one decode or both worker")
     model = str(resolve_model(args.model))
     exe = [sys.executable, "-m", "router.cli"]
+    common = ["--drain-seconds", str(args.drain_seconds)]
+    shared = config_tables(args.config) if args.config else set()
     threads = max(1, (os.cpu_count() or 1) // len(roles))
     stack = Stack()
     addresses = []
@@ -107,7 +121,8 @@ async def run(args: argparse.Namespace) -> int:
         port = free_port(args.host)
         addresses.append(f"{args.host}:{port}")
         argv = [*exe, "worker", "--host", args.host, "--port", str(port), "--role", role]
-        argv += ["--engine", args.engine, "--model", model, "--threads", str(threads), *args.worker_arg]
+        argv += ["--engine", args.engine, "--model", model, "--threads", str(threads), *common]
+        argv += (["--config", args.config] if "worker" in shared else []) + args.worker_arg
         stack.spawn(f"worker {i} ({role}, {args.host}:{port})", argv)
     router_argv = [
         *exe,
@@ -119,7 +134,8 @@ async def run(args: argparse.Namespace) -> int:
         "--grpc-port",
         str(args.grpc_port),
     ]
-    router_argv += ["--model", model, *args.router_arg]
+    router_argv += ["--model", model, *common, *(["--config", args.config] if "router" in shared else [])]
+    router_argv += args.router_arg
     for a in addresses:
         router_argv += ["--worker", a]
     stack.spawn("router", router_argv)
@@ -161,10 +177,10 @@ async def run(args: argparse.Namespace) -> int:
         )
         code = 1
     finally:
-        await asyncio.to_thread(stack.stop)
+        await asyncio.to_thread(stack.stop, args.drain_seconds + 10)
     return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, "serve")
     raise SystemExit(asyncio.run(run(args)))

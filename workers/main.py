@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdrouter_proto import worker_pb2, worker_pb2_grpc
+from workers.config import parse_args
 from workers.engine.engine import Engine
 from workers.engine.runner import spec_from_model_dir
 from workers.engine.scheduler import SchedulerConfig
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="serve Prometheus /metrics on this port (0: off; one for all)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: refuse new work, then give requests in flight this long to finish",
     )
     return p
 
@@ -230,6 +237,24 @@ class WorkerInstance:
         self.http = EmbeddedHttp(core, self.http_sock)
         await self.http.start(ready_timeout)
 
+    async def drain(self, seconds: float) -> None:
+        """SIGTERM, before stop(): readiness NOT_SERVING, new Prefill/Decode refused with UNAVAILABLE
+        (the router fails them over), the router's event stream ended (it marks this worker
+        unhealthy); calls in flight and KV handles pinned for decode workers get `seconds`."""
+        await self.health.set(self.service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            self.http.router.state.draining = True
+        self.service.drain()
+        try:
+            async with asyncio.timeout(seconds):
+                while self.service.busy():
+                    await asyncio.sleep(0.05)  # NOTE: a poll, and only while shutting down
+        except TimeoutError:
+            log.warning(
+                "worker %s: drain time (%.0f s) is over with %d calls in flight; stopping",
+                self.worker_id, seconds, self.service.num_active,
+            )  # fmt: skip
+
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
@@ -280,11 +305,12 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await asyncio.gather(*(inst.drain(args.drain_seconds) for inst in instances))
     await asyncio.gather(*(inst.stop() for inst in instances))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv, "worker")
     from workers.telemetry import run_service
 
     run_service("pdrouter-worker", serve(args))

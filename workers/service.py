@@ -105,6 +105,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.load_interval_s = load_interval_s
         self._subs: set[_Subscription] = set()
         self.kv: KvAgent | None = None
+        self.draining = False
+        self.num_active = 0  # Prefill and Decode calls in progress (what a drain waits for)
 
     def attach(self, engine: Engine, kv: KvAgent | None = None) -> None:
         """Serve `engine`; until then every RPC answers UNAVAILABLE (the model is loading)."""
@@ -123,6 +125,25 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is still loading its model"
             )
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        """New work only while not draining; UNAVAILABLE makes the router try another worker."""
+        await self._ready(context)
+        if self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining (shutting down)"
+            )
+
+    def drain(self) -> None:
+        """Refuse new Prefill, Decode and Subscribe calls and end the open event streams (the router
+        marks this worker unhealthy when its stream ends); calls in flight go on."""
+        self.draining = True
+        for sub in self._subs:
+            sub.queue.put_nowait(None)
+
+    def busy(self) -> bool:
+        """Calls in flight, or KV handles still pinned for a decode worker to pull."""
+        return self.num_active > 0 or (self.kv is not None and self.kv.registry.num_pinned > 0)
 
     # -- Info -------------------------------------------------------------------------------
 
@@ -157,7 +178,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
-        await self._ready(context)
+        await self._admit(context)
         rid = request.request_id
         prompt = list(request.prompt_token_ids)
         params = params_from_pb(request.params)
@@ -165,6 +186,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         first = pb.TokenChunk()
         t0 = time.monotonic()
         span = _server_span("prefill", context, rid, len(prompt))
+        self.num_active += 1
         try:
             async for out in self.engine.generate(rid, prompt, params, pin_on_finish=self.kv is not None):
                 _fill_chunk(first, out)
@@ -194,6 +216,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             return pb.PrefillResponse(request_id=request.request_id, error=_error(request.request_id, exc))
         finally:
+            self.num_active -= 1
             span.end()
         return pb.PrefillResponse(
             request_id=request.request_id,
@@ -203,7 +226,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Decode(
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DecodeResponse]:
-        await self._ready(context)
+        await self._admit(context)
         rid = request.request_id
         params = params_from_pb(request.params)
         prior = list(request.generated_token_ids)
@@ -219,6 +242,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         gen = self.engine.generate(
             rid, prompt + prior, params, kv_import=kv_import, num_user_prompt_tokens=len(prompt)
         )
+        self.num_active += 1
         try:
             async for out in gen:
                 if handle is not None:  # the import is over (pulled, or recomputed): release it
@@ -247,6 +271,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             yield pb.DecodeResponse(request_id=rid, error=_error(rid, exc))
         finally:
+            self.num_active -= 1
             await gen.aclose()
             span.end()
             if handle is not None:
@@ -265,7 +290,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WorkerEvent]:
-        await self._ready(context)
+        await self._admit(context)
         sub = _Subscription()
         interval = request.load_interval_s or self.load_interval_s
         snapshot = pb.Snapshot(

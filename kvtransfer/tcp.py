@@ -16,6 +16,7 @@ Wire protocol (little-endian; one request in flight per connection, connections 
               after 2 the server closes the connection.
 The first read or claim on a connection claims the handle (spends the one-time token); later
 reads on that connection with the same handle and token go on without claiming again.
+With `tls` contexts (kvtransfer/tls.py) both sides run the same protocol inside mutual TLS.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import hmac
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 
@@ -33,6 +35,8 @@ import numpy as np
 from kvtransfer.errors import LayoutMismatch, TransferError, TransferRefused
 from kvtransfer.handles import Handle, HandleRegistry
 from kvtransfer.pool import KvPool
+from kvtransfer.tls import STREAM_LIMIT, TLS_IO, TlsStream, nodelay
+from kvtransfer.tls import connect as tls_connect
 from kvtransfer.transport import HandleRef, Transport, check_ids, runs
 
 log = logging.getLogger(__name__)
@@ -90,12 +94,21 @@ async def _recv_bytes(loop: asyncio.AbstractEventLoop, sock: socket.socket, size
 class TcpTransferServer:
     """Serves pinned blocks of `pool` to holders of a handle token, on `host` only."""
 
-    def __init__(self, pool: KvPool, registry: HandleRegistry, host: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        pool: KvPool,
+        registry: HandleRegistry,
+        host: str,
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.pool = pool
         self.registry = registry
         self.host = host
         self.port = port
+        self.tls = tls  # a server context that requires client certificates (tls.server_context)
         self._listener: socket.socket | None = None
+        self._tls_server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self.num_connections = 0
 
@@ -119,10 +132,18 @@ class TcpTransferServer:
             raise
         self._listener = lsock
         self.port = lsock.getsockname()[1]
-        self._spawn(self._accept(lsock))
+        if self.tls is not None:
+            self._tls_server = await asyncio.start_server(
+                self._serve_tls, sock=lsock, ssl=self.tls, limit=STREAM_LIMIT
+            )
+        else:
+            self._spawn(self._accept(lsock))
 
     async def close(self) -> None:
         """Stop listening and drop every connection (pulls in flight fail on the other side)."""
+        if self._tls_server is not None:
+            self._tls_server.close()
+            self._tls_server = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -152,8 +173,22 @@ class TcpTransferServer:
             self.num_connections += 1
             self._spawn(self._serve(sock))
 
-    async def _serve(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TLS connection (the handshake, client certificate checked, is done by now)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)  # NOTE: so close() drops TLS connections too
+        nodelay(writer)
+        self.num_connections += 1
+        try:
+            await self._serve(TlsStream(reader, writer), TLS_IO)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            pass  # NOTE: close() cancels it; ending cancelled trips asyncio's handler callback (3.11)
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+
+    async def _serve(self, sock: socket.socket, io=None) -> None:
+        loop = io or asyncio.get_running_loop()
         bound: list = [None, frozenset()]  # the handle this connection claimed, its block ids
         try:
             while await self._one_request(loop, sock, bound):
@@ -258,11 +293,12 @@ def _drain_and_shut(sock: socket.socket) -> None:
 
 
 class _Conn:
-    __slots__ = ("endpoint", "handle_id", "sock")
+    __slots__ = ("endpoint", "handle_id", "io", "sock")
 
-    def __init__(self, endpoint: str, sock: socket.socket) -> None:
+    def __init__(self, endpoint: str, sock: socket.socket, io=None) -> None:
         self.endpoint = endpoint
         self.sock = sock
+        self.io = io  # TLS: stands in for the loop's sock_* calls (None: the loop's own)
         self.handle_id = ""  # the handle this connection claimed last (later pulls of it reuse it)
 
     def is_stale(self) -> bool:
@@ -291,8 +327,10 @@ class TcpTransport(Transport):
         timeout_s: float = 10.0,
         min_bytes_per_s: float = 100e6,
         max_idle_per_endpoint: int = 4,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(dst_pool, compat_hash)
+        self.tls = tls  # a client context with this side's certificate (tls.client_context)
         self.timeout_s = timeout_s
         self.min_bytes_per_s = min_bytes_per_s
         self.max_idle_per_endpoint = max_idle_per_endpoint
@@ -341,10 +379,11 @@ class TcpTransport(Transport):
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = await self._checkout(handle)
-                await loop.sock_sendall(conn.sock, request)
-                status, value = RESPONSE.unpack(await _recv_bytes(loop, conn.sock, RESPONSE.size))
+                io = conn.io or loop
+                await io.sock_sendall(conn.sock, request)
+                status, value = RESPONSE.unpack(await _recv_bytes(io, conn.sock, RESPONSE.size))
                 if status != OK:
-                    reason = (await _recv_bytes(loop, conn.sock, value)).decode(errors="replace")
+                    reason = (await _recv_bytes(io, conn.sock, value)).decode(errors="replace")
                     reusable = status == REFUSED
                     raise TransferRefused(reason) if reusable else EOFError(f"server rejected: {reason}")
                 reusable = True
@@ -367,7 +406,7 @@ class TcpTransport(Transport):
     async def _request(
         self, conn: _Conn, handle: HandleRef, request: bytes, dst_block_ids: Sequence[int]
     ) -> None:
-        loop = asyncio.get_running_loop()
+        loop = conn.io or asyncio.get_running_loop()
         sock = conn.sock
         await loop.sock_sendall(sock, request)
         status, value = RESPONSE.unpack(await _recv_bytes(loop, sock, RESPONSE.size))
@@ -399,7 +438,12 @@ class TcpTransport(Transport):
                 self._busy.add(conn)
                 return conn
             conn.sock.close()
-        conn = _Conn(handle.endpoint, await self._connect(handle.endpoint))
+        if self.tls is not None:
+            host, port = split_endpoint(handle.endpoint)
+            stream = await tls_connect(host, port, self.tls)
+            conn = _Conn(handle.endpoint, stream, TLS_IO)  # type: ignore[arg-type]
+        else:
+            conn = _Conn(handle.endpoint, await self._connect(handle.endpoint))
         self._busy.add(conn)
         return conn
 

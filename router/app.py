@@ -25,6 +25,7 @@ from router.route_planner import RoutePlanner
 from router.routing import DEFAULT_OVERLAP_WEIGHT, ActiveLoad
 from router.tokenizer import Tokenizer
 from router.worker_pool import WorkerClient, WorkerPool
+from workers.tls import ChannelTls
 
 
 def model_limits(model_dir: Path, served_name: str) -> Limits:
@@ -35,7 +36,11 @@ def model_limits(model_dir: Path, served_name: str) -> Limits:
     return Limits(name, cfg.get("max_position_embeddings", 4096), cfg["vocab_size"])
 
 
-def http_config(app, host: str, port: int, graceful_shutdown_s: float | None = None) -> uvicorn.Config:
+def http_config(
+    app, host: str, port: int, graceful_shutdown_s: float | None = None, tls: tuple[str, str] | None = None
+) -> uvicorn.Config:
+    """uvicorn's settings; `tls` (certificate, key) serves HTTPS."""
+    cert, key = tls or (None, None)
     return uvicorn.Config(
         app,
         host=host,
@@ -47,6 +52,8 @@ def http_config(app, host: str, port: int, graceful_shutdown_s: float | None = N
         log_level="warning",
         timeout_keep_alive=30,
         timeout_graceful_shutdown=graceful_shutdown_s,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
     )
 
 
@@ -74,6 +81,7 @@ def build_router_app(
     overlap_weight: float = DEFAULT_OVERLAP_WEIGHT,
     kv_index: str = "exact",
     migration_limit: int = 3,
+    worker_tls: ChannelTls | None = None,
 ) -> RouterApp:
     """Everything between the HTTP/gRPC front ends and the workers; the caller starts the pool."""
     tokenizer = Tokenizer.from_dir(model_dir)
@@ -87,7 +95,7 @@ def build_router_app(
     # NOTE: approx: for workers that send no KV events; the router's own routes stand in, for 2 min
     approx = kv_index == "approx"
     on_event = None if approx else (lambda w, event: index.apply(w.worker_id, event))
-    pool = WorkerPool(worker_addresses, on_event=on_event, on_down=forget)
+    pool = WorkerPool(worker_addresses, on_event=on_event, on_down=forget, tls=worker_tls)
     planner = RoutePlanner(
         pool,
         index,

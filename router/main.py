@@ -18,6 +18,7 @@ from router.http_api import RouterState
 from router.routing import DEFAULT_OVERLAP_WEIGHT, POLICY_NAMES
 from workers.config import parse_args
 from workers.model_files import resolve_model
+from workers.tls import all_or_none, channel_tls, server_credentials
 
 log = logging.getLogger("pdrouter.router")
 
@@ -84,12 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM: /ready 503 and new requests refused, then streams in flight get this long",
     )
+    p.add_argument("--tls-cert", default="", help="serve HTTPS and gRPC over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", default="", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--worker-tls-ca", default="", help="mutual TLS to workers: the CA of their certificates")
+    p.add_argument(
+        "--worker-tls-cert", default="", help="mutual TLS to workers: the router's client certificate"
+    )
+    p.add_argument("--worker-tls-key", default="", help="mutual TLS to workers: its private key")
+    p.add_argument(
+        "--worker-tls-server-name",
+        default="",
+        help="mutual TLS to workers: the name their certificates carry (default: the address dialled)",
+    )
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
     if not args.worker:
         raise SystemExit("pdrouter router: give at least one --worker HOST:PORT")
+    public_tls = (args.tls_cert, args.tls_key) if all_or_none(args, "tls_cert", "tls_key") else None
+    worker_tls = None
+    if all_or_none(args, "worker_tls_ca", "worker_tls_cert", "worker_tls_key"):
+        worker_tls = channel_tls(
+            args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key, args.worker_tls_server_name
+        )
     model_dir = resolve_model(args.model)
     core = build_router_app(
         model_dir,
@@ -103,6 +122,7 @@ async def serve(args: argparse.Namespace) -> None:
         overlap_weight=args.kv_overlap_weight,
         kv_index=args.kv_index,
         migration_limit=args.migration_limit,
+        worker_tls=worker_tls,
     )
     state, limits, pool = core.state, core.state.limits, core.pool
     state.trace_every_nth_token = max(1, args.trace_every_nth_token)
@@ -117,20 +137,26 @@ async def serve(args: argparse.Namespace) -> None:
     reflection.enable_server_reflection(
         (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
-    if grpc_server.add_insecure_port(f"{args.host}:{args.grpc_port}") == 0:
+    address = f"{args.host}:{args.grpc_port}"
+    if public_tls is not None:
+        bound = grpc_server.add_secure_port(address, server_credentials(*public_tls))
+    else:
+        bound = grpc_server.add_insecure_port(address)
+    if bound == 0:
         raise SystemExit(f"cannot bind gRPC {args.host}:{args.grpc_port}")
     await grpc_server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
 
-    server = _EmbeddedServer(http_config(core.app, args.host, args.port, graceful_shutdown_s=1.0))
+    server = _EmbeddedServer(http_config(core.app, args.host, args.port, 1.0, public_tls))
     http = asyncio.create_task(server.serve(), name="http")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"pdrouter router: http://{args.host}:{args.port}/v1  grpc {args.host}:{args.grpc_port}  "
+        f"pdrouter router: {'https' if public_tls else 'http'}://{args.host}:{args.port}/v1  "
+        f"grpc{'+tls' if public_tls else ''} {args.host}:{args.grpc_port}  "
         f"model={limits.model_name}  workers={','.join(args.worker)}",
         flush=True,
     )

@@ -14,13 +14,15 @@ import ctypes
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.request
 
-from workers.config import parse_args
+from workers.config import env_names, parse_args
 from workers.config import tables as config_tables
 from workers.model_files import resolve_model
+from workers.tls import all_or_none
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -58,15 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM: the router, then the workers, get this long to finish requests in flight",
     )
+    p.add_argument("--tls-cert", default="", help="the router serves HTTPS and gRPC over TLS (certificate)")
+    p.add_argument("--tls-key", default="", help="the private key of --tls-cert")
     return p
 
 
 class Stack:
     def __init__(self) -> None:
         self.children: list[tuple[str, subprocess.Popen]] = []
+        # NOTE: serve's own PDROUTER_* options are for serve (it passes children what they need);
+        # the others (e.g. PDROUTER_MOCK_TOKEN_DELAY_MS) reach the router and workers
+        own = env_names(build_parser())
+        self.env = {k: v for k, v in os.environ.items() if k not in own}
 
     def spawn(self, name: str, argv: list[str]) -> None:
-        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, env=self.env)
         self.children.append((name, proc))
 
     def dead(self) -> tuple[str, int] | None:
@@ -93,8 +101,10 @@ class Stack:
 
 
 def _ready(url: str) -> bool:
+    # NOTE: our own child on this host: its certificate need not name the address we poll
+    context = ssl._create_unverified_context() if url.startswith("https") else None
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return r.status == 200
     except OSError:
         return False
@@ -135,6 +145,8 @@ async def run(args: argparse.Namespace) -> int:
         str(args.grpc_port),
     ]
     router_argv += ["--model", model, *common, *(["--config", args.config] if "router" in shared else [])]
+    if all_or_none(args, "tls_cert", "tls_key"):
+        router_argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
     router_argv += args.router_arg
     for a in addresses:
         router_argv += ["--worker", a]
@@ -144,7 +156,8 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    ready_url = f"http://{args.host}:{args.port}/ready"
+    scheme = "https" if args.tls_cert else "http"
+    ready_url = f"{scheme}://{args.host}:{args.port}/ready"
     code = 0
     try:
         async with asyncio.timeout(args.ready_timeout):
@@ -154,7 +167,7 @@ async def run(args: argparse.Namespace) -> int:
                 await asyncio.sleep(0.2)  # readiness poll of child processes
         if not stack.dead() and not stop.is_set():
             print(
-                f"pdrouter serve: ready\n  OpenAI HTTP  http://{args.host}:{args.port}/v1\n"
+                f"pdrouter serve: ready\n  OpenAI HTTP  {scheme}://{args.host}:{args.port}/v1\n"
                 f"  gRPC         {args.host}:{args.grpc_port}\n  workers      {', '.join(addresses)}",
                 flush=True,
             )

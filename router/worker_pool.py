@@ -17,6 +17,7 @@ import grpc
 
 from pdrouter_proto import worker_pb2 as pb
 from pdrouter_proto import worker_pb2_grpc as pb_grpc
+from workers.tls import ChannelTls
 
 log = logging.getLogger("pdrouter.router.pool")
 
@@ -37,9 +38,13 @@ class _Incompatible(Exception):
 
 
 class WorkerClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: ChannelTls | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            options = CHANNEL_OPTIONS + list(tls.options)
+            self.channel = grpc.aio.secure_channel(address, tls.credentials, options=options)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.info: pb.InfoResponse | None = None
         self.worker_id = address  # NOTE: a plain attribute: read per candidate on every routing decision
@@ -67,8 +72,10 @@ class WorkerPool:
         addresses: list[str],
         on_event: Callable[[WorkerClient, pb.WorkerEvent], None] | None = None,
         on_down: Callable[[WorkerClient], None] | None = None,
+        tls: ChannelTls | None = None,
     ):
-        self.workers = [WorkerClient(a) for a in addresses]
+        self.tls = tls  # NOTE: every WorkerClient of this pool dials with it (mutual TLS)
+        self.workers = [WorkerClient(a, tls) for a in addresses]
         self.on_event = on_event
         self.on_down = on_down  # a worker went unhealthy: forget what it held (its snapshot refills)
         self.stall_timeout_s = 3.0  # no event (load reports come every 0.5 s) for this long: ejected

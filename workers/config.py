@@ -65,6 +65,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, command:
     return argparse.Namespace(**values, config=path)
 
 
+def env_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The variables a command reads (`pdrouter serve` keeps its own from its children)."""
+    return {env_name(name) for name in _flags(parser)} | {env_name("config")}
+
+
 def tables(path: str) -> set[str]:
     """The command tables of a config file (`pdrouter serve` passes the file on to a child
     process when it has that child's table)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 
 from opentelemetry import trace
@@ -79,7 +80,9 @@ class KvAgent:
         port: int = 0,
         backend: str | None = None,
         ttl_s: float = DEFAULT_TTL_S,
+        tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
     ) -> None:
+        """`tls`: (listener, puller) contexts for mutual TLS on KV transfer (workers.tls.kv_contexts)."""
         pool = engine.runner.transfer_pool
         if pool is None:
             raise ValueError("this engine's KV pool cannot be transferred (not in host memory)")
@@ -91,8 +94,9 @@ class KvAgent:
         self.host_id = host_id()
         self.compat = compat_hash(engine.spec.name, pool.layout, version)
         self.registry = HandleRegistry(on_unpin=self._unpin)
-        self.server = TcpTransferServer(pool, self.registry, host, port)
-        self.tcp = TcpTransport(pool, self.compat)
+        server_tls, client_tls = tls or (None, None)
+        self.server = TcpTransferServer(pool, self.registry, host, port, tls=server_tls)
+        self.tcp = TcpTransport(pool, self.compat, tls=client_tls)
         self.shm = ShmTransport(pool, claim=self.tcp.claim, compat_hash=self.compat)
         self.stats = pb.KvTransferStats()
         self._sweeper: asyncio.Task | None = None

@@ -25,6 +25,7 @@ from workers.kv_agent import KvAgent
 from workers.mock.runner import MockRunner, TimingModel
 from workers.model_files import resolve_model
 from workers.service import VERSION, WorkerService
+from workers.tls import all_or_none, channel_tls, kv_contexts, server_credentials
 
 if TYPE_CHECKING:
     from router.app import EmbeddedHttp
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM: refuse new work, then give requests in flight this long to finish",
     )
+    p.add_argument("--tls-cert", default="", help="mutual TLS: this worker's certificate (PEM; gRPC and KV)")
+    p.add_argument("--tls-key", default="", help="mutual TLS: its private key (PEM)")
+    p.add_argument(
+        "--tls-client-ca",
+        default="",
+        help="mutual TLS: the CA that signs the router's and the other workers' certificates; "
+        "required of every client of the gRPC port and the KV transfer listener",
+    )
     return p
 
 
@@ -189,7 +198,12 @@ class WorkerInstance:
         reflection.enable_server_reflection(
             (self.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(f"{args.host}:{port}")
+        self.tls = all_or_none(args, "tls_cert", "tls_key", "tls_client_ca")
+        if self.tls:
+            creds = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+            self.port = self.server.add_secure_port(f"{args.host}:{port}", creds)
+        else:
+            self.port = self.server.add_insecure_port(f"{args.host}:{port}")
         if self.port == 0:
             raise SystemExit(f"cannot bind {args.host}:{port}")
         self.worker_id = worker_id or f"{args.host}:{self.port}"
@@ -221,6 +235,7 @@ class WorkerInstance:
             self.kv = KvAgent(
                 self.engine, self.worker_id, VERSION, a.kv_transfer_host or a.host, a.kv_transfer_port,
                 backend=a.kv_transfer, ttl_s=a.kv_handle_ttl_s,
+                tls=kv_contexts(a.tls_cert, a.tls_key, a.tls_client_ca) if self.tls else None,
             )  # fmt: skip
             await self.kv.start()
         self.service.attach(self.engine, self.kv)
@@ -231,8 +246,10 @@ class WorkerInstance:
         from router.app import EmbeddedHttp, build_router_app
 
         model_dir = resolve_model(self.args.model)
+        a = self.args
+        tls = channel_tls(a.tls_client_ca, a.tls_cert, a.tls_key) if self.tls else None
         core = build_router_app(
-            model_dir, [f"{_dial_host(self.args.host)}:{self.port}"], self.args.served_model_name
+            model_dir, [f"{_dial_host(a.host)}:{self.port}"], a.served_model_name, worker_tls=tls
         )
         self.http = EmbeddedHttp(core, self.http_sock)
         await self.http.start(ready_timeout)

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker", action="append", default=[], metavar="HOST:PORT", help="a worker's gRPC address"
     )
     p.add_argument(
+        "--discovery",
+        default="static",
+        help="static (the --worker list) or dns://NAME:PORT (e.g. a Kubernetes headless service)",
+    )
+    p.add_argument("--discovery-interval-s", type=float, default=5.0, help="dns: re-resolve period")
+    p.add_argument(
         "--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF directory"
     )
     p.add_argument("--served-model-name", default="", help="model id clients use (default: the model's name)")
@@ -101,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    if not args.worker:
-        raise SystemExit("pdrouter router: give at least one --worker HOST:PORT")
+    if not args.worker and args.discovery == "static":
+        raise SystemExit(
+            "pdrouter router: give at least one --worker HOST:PORT, or --discovery dns://NAME:PORT"
+        )
     public_tls = (args.tls_cert, args.tls_key) if all_or_none(args, "tls_cert", "tls_key") else None
     worker_tls = None
     if all_or_none(args, "worker_tls_ca", "worker_tls_cert", "worker_tls_key"):
@@ -128,6 +136,15 @@ async def serve(args: argparse.Namespace) -> None:
     state.trace_every_nth_token = max(1, args.trace_every_nth_token)
     state.orchestrator.idle_timeout_s = args.stream_idle_timeout_s
     pool.start()
+    discovery = None
+    if args.discovery != "static":
+        from router.discovery import DnsDiscovery
+
+        try:
+            dns = DnsDiscovery(args.discovery, args.discovery_interval_s)
+        except ValueError as exc:
+            raise SystemExit(f"pdrouter router: {exc}") from None
+        discovery = asyncio.create_task(dns.run(pool.add, pool.remove))
 
     grpc_server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), grpc_server)
@@ -173,6 +190,8 @@ async def serve(args: argparse.Namespace) -> None:
         await asyncio.gather(http, return_exceptions=True)
         await health_servicer.enter_graceful_shutdown()
         await grpc_server.stop(1)
+        if discovery is not None:
+            discovery.cancel()
         await pool.close()
 
 

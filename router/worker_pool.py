@@ -82,10 +82,36 @@ class WorkerPool:
         self.block_size = 16  # settled by the first worker's Info; every worker must agree
         self._block_size_known = False
         self._changed = asyncio.Event()
+        self._started = False
 
     def start(self) -> None:
+        self._started = True
         for w in self.workers:
             w._task = asyncio.create_task(self._watch(w), name=f"watch-{w.address}")
+
+    def add(self, address: str) -> WorkerClient:
+        """A worker joined (discovery): watch it; it takes requests once its snapshot arrives."""
+        for w in self.workers:
+            if w.address == address:
+                return w
+        w = WorkerClient(address, self.tls)
+        self.workers = [*self.workers, w]  # NOTE: a new list: routing iterates the old one safely
+        if self._started:
+            w._task = asyncio.create_task(self._watch(w), name=f"watch-{address}")
+        log.info("worker %s joined", address)
+        return w
+
+    async def remove(self, address: str) -> None:
+        """A worker left (discovery): no new requests; forget its KV entries and bookings.
+        Streams already running on it go on until they end (or break and migrate)."""
+        gone = [w for w in self.workers if w.address == address]
+        if not gone:
+            return
+        self.workers = [w for w in self.workers if w.address != address]
+        for w in gone:
+            self._set_health(w, False)
+            await w.close()
+        log.info("worker %s left", address)
 
     async def close(self) -> None:
         await asyncio.gather(*(w.close() for w in self.workers))

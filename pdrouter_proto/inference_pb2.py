@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epdrouter_proto/inference.proto\x12\x15pdrouter.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"A\n\tChatInput\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".pdrouter.inference.v1.ChatMessage\"\x1f\n\nTokenInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xaf\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x30\n\x04\x63hat\x18\x03 \x01(\x0b\x32 .pdrouter.inference.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12\x33\n\x06tokens\x18\x05 \x01(\x0b\x32!.pdrouter.inference.v1.TokenInputH\x00\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x06\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\t\n\x01n\x18\x0e \x01(\r\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x08\x88\x01\x01\x12\x12\n\nsession_id\x18\x11 \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"n\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.pdrouter.inference.v1.TokenLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"]\n\x08\x43omplete\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12+\n\x05usage\x18\x03 \x01(\x0b\x32\x1c.pdrouter.inference.v1.Usage\"\x92\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.pdrouter.inference.v1.ChunkH\x00\x12\x33\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1f.pdrouter.inference.v1.CompleteH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"M\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.pdrouter.inference.v1.Model2\xcd\x01\n\tInference\x12]\n\x08Generate\x12&.pdrouter.inference.v1.GenerateRequest\x1a\'.pdrouter.inference.v1.GenerateResponse0\x01\x12\x61\n\nListModels\x12(.pdrouter.inference.v1.ListModelsRequest\x1a).pdrouter.inference.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epdrouter_proto/inference.proto\x12\x15pdrouter.inference.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"A\n\tChatInput\x12\x34\n\x08messages\x18\x01 \x03(\x0b\x32\".pdrouter.inference.v1.ChatMessage\"\x1f\n\nTokenInput\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xbd\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x30\n\x04\x63hat\x18\x03 \x01(\x0b\x32 .pdrouter.inference.v1.ChatInputH\x00\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12\x33\n\x06tokens\x18\x05 \x01(\x0b\x32!.pdrouter.inference.v1.TokenInputH\x00\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x06\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\t\n\x01n\x18\x0e \x01(\r\x12\x1d\n\x10presence_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x10 \x01(\x02H\x08\x88\x01\x01\x12\x12\n\nsession_id\x18\x11 \x01(\t\x12\x0c\n\x04\x65\x63ho\x18\x12 \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x81\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\r\n\x05token\x18\x05 \x01(\t\x12\x12\n\ntop_tokens\x18\x06 \x03(\t\"|\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.pdrouter.inference.v1.TokenLogprob\x12\x0c\n\x04\x65\x63ho\x18\x05 \x01(\x08\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"]\n\x08\x43omplete\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12+\n\x05usage\x18\x03 \x01(\x0b\x32\x1c.pdrouter.inference.v1.Usage\"\x92\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1c.pdrouter.inference.v1.ChunkH\x00\x12\x33\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1f.pdrouter.inference.v1.CompleteH\x00\x42\x06\n\x04kind\"\x13\n\x11ListModelsRequest\"M\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.pdrouter.inference.v1.Model2\xcd\x01\n\tInference\x12]\n\x08Generate\x12&.pdrouter.inference.v1.GenerateRequest\x1a\'.pdrouter.inference.v1.GenerateResponse0\x01\x12\x61\n\nListModels\x12(.pdrouter.inference.v1.ListModelsRequest\x1a).pdrouter.inference.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENINPUT']._serialized_start=170
   _globals['_TOKENINPUT']._serialized_end=201
   _globals['_GENERATEREQUEST']._serialized_start=204
-  _globals['_GENERATEREQUEST']._serialized_end=763
-  _globals['_TOKENLOGPROB']._serialized_start=765
-  _globals['_TOKENLOGPROB']._serialized_end=859
-  _globals['_CHUNK']._serialized_start=861
-  _globals['_CHUNK']._serialized_end=971
-  _globals['_USAGE']._serialized_start=973
-  _globals['_USAGE']._serialized_end=1075
-  _globals['_COMPLETE']._serialized_start=1077
-  _globals['_COMPLETE']._serialized_end=1170
-  _globals['_GENERATERESPONSE']._serialized_start=1173
-  _globals['_GENERATERESPONSE']._serialized_end=1319
-  _globals['_LISTMODELSREQUEST']._serialized_start=1321
-  _globals['_LISTMODELSREQUEST']._serialized_end=1340
-  _globals['_MODEL']._serialized_start=1342
-  _globals['_MODEL']._serialized_end=1419
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1421
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1487
-  _globals['_INFERENCE']._serialized_start=1490
-  _globals['_INFERENCE']._serialized_end=1695
+  _globals['_GENERATEREQUEST']._serialized_end=777
+  _globals['_TOKENLOGPROB']._serialized_start=780
+  _globals['_TOKENLOGPROB']._serialized_end=909
+  _globals['_CHUNK']._serialized_start=911
+  _globals['_CHUNK']._serialized_end=1035
+  _globals['_USAGE']._serialized_start=1037
+  _globals['_USAGE']._serialized_end=1139
+  _globals['_COMPLETE']._serialized_start=1141
+  _globals['_COMPLETE']._serialized_end=1234
+  _globals['_GENERATERESPONSE']._serialized_start=1237
+  _globals['_GENERATERESPONSE']._serialized_end=1383
+  _globals['_LISTMODELSREQUEST']._serialized_start=1385
+  _globals['_LISTMODELSREQUEST']._serialized_end=1404
+  _globals['_MODEL']._serialized_start=1406
+  _globals['_MODEL']._serialized_end=1483
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1485
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1551
+  _globals['_INFERENCE']._serialized_start=1554
+  _globals['_INFERENCE']._serialized_end=1759
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ class ErrorEnvelope(msgspec.Struct):
 
 _TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",  # NOTE: what OpenAI sends with code "invalid_api_key"
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",

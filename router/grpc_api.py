@@ -1,7 +1,9 @@
 """The public gRPC Inference service: same validation and orchestration as the HTTP API.
 
-Errors are gRPC status codes with the same messages the HTTP API puts in its error JSON;
-a cancelled or expired call cancels the worker calls with it.
+Per call: API key (`authorization` metadata) -> admission (draining, --max-in-flight) ->
+validate -> route -> stream chunks, then one Complete per choice. Errors are gRPC status codes
+with the same messages the HTTP API puts in its error JSON; a cancelled call, or one whose
+deadline passed, cancels the worker calls with it (the workers free its KV blocks).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pdrouter_proto import inference_pb2_grpc as pb_grpc
 from router import timeline
 from router.errors import GRPC_CODES, ApiError, invalid
 from router.http_api import RouterState
-from router.requests import GenerationRequest, finish_request, new_request_id
+from router.requests import MAX_TOP_LOGPROBS, GenerationRequest, finish_request, new_request_id
 from workers.telemetry import metadata_dict
 
 
@@ -28,6 +30,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        await self._authorize(metadata_dict(context.invocation_metadata()), context)
         lim = self.state.limits
         model = pb.Model(
             id=lim.model_name,
@@ -41,17 +44,18 @@ class InferenceService(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         meta = metadata_dict(context.invocation_metadata())
+        await self._authorize(meta, context)
         tl = timeline.start(meta.get("x-request-id") or uuid.uuid4().hex, meta, "generate")
         tl.mark("parsed")
         status = 200
         try:
             self.state.admit()
         except ApiError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
+            await _abort(context, exc)
         try:
             gen = await self._build(request)
             tl.mark("tokenized")
-            route = self.state.orchestrator.route(gen)
+            route = self.state.orchestrator.route(gen, meta.get("x-session-id") or gen.session_id)
             tl.mark("routed")
             tl.mode, tl.route = route[0].mode, self.state.orchestrator.route_header(route)
             tl.aliases.append(gen.request_id)
@@ -62,6 +66,13 @@ class InferenceService(pb_grpc.InferenceServicer):
                 )
             )
             usage_prompt = sum(len(p) for p in gen.prompts)
+            if gen.echo:
+                for i in range(gen.num_choices):
+                    prompt = gen.prompts[i // gen.n]
+                    text = self.state.tokenizer.decode(prompt, skip_special_tokens=False)
+                    echo = pb.Chunk(index=i, text=text, token_ids=prompt, echo=True)
+                    yield pb.GenerateResponse(request_id=gen.request_id, chunk=echo)
+            token_text = self.state.token_text
             async for d in self.state.orchestrator.run(gen, route):
                 if d.text or d.token_ids:
                     chunk = pb.Chunk(index=d.index, text=d.text, token_ids=d.token_ids)
@@ -71,6 +82,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                             logprob=lp.logprob,
                             top_token_ids=[t for t, _ in lp.top],
                             top_logprobs=[v for _, v in lp.top],
+                            token=token_text(lp.token_id),
+                            top_tokens=[token_text(t) for t, _ in lp.top],
                         )
                     yield pb.GenerateResponse(request_id=gen.request_id, chunk=chunk)
                     if d.text:
@@ -88,7 +101,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     )
         except ApiError as exc:
             status = exc.status
-            await context.abort(grpc.StatusCode[GRPC_CODES.get(exc.status, "INTERNAL")], exc.message)
+            await _abort(context, exc)
         except asyncio.CancelledError:
             status = 499
             raise
@@ -96,6 +109,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.state.release()
             tl.finish(status, self.state.trace_every_nth_token)
             self.state.timelines.add(tl)
+
+    async def _authorize(self, meta: dict[str, str], context: grpc.aio.ServicerContext) -> None:
+        try:
+            self.state.api_keys.check(meta.get("authorization"))
+        except ApiError as exc:
+            await _abort(context, exc)
 
     async def _build(self, r: pb.GenerateRequest) -> GenerationRequest:
         state = self.state
@@ -139,7 +158,13 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise invalid("'stop' accepts at most 4 non-empty strings", "stop")
         gen.stop = list(r.stop)
         gen.seed = r.seed if r.HasField("seed") else None
+        if r.HasField("logprobs") and r.logprobs > MAX_TOP_LOGPROBS:
+            limit = f"between 0 and {MAX_TOP_LOGPROBS}"
+            raise invalid(f"'logprobs' must be {limit}; got {r.logprobs}", "logprobs")
         gen.logprobs = r.logprobs if r.HasField("logprobs") else None
+        if r.echo and kind == "chat":
+            raise invalid("'echo' is for 'prompt' or 'tokens' input, not 'chat'", "echo")
+        gen.echo = r.echo
         gen.ignore_eos = r.ignore_eos
         gen.session_id = r.session_id
         default_max = None if gen.chat else 16
@@ -151,3 +176,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             state.limits,
         )
         return gen
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: ApiError) -> None:
+    """End the call with the status code matching the HTTP status, and the same message."""
+    await context.abort(grpc.StatusCode[GRPC_CODES.get(exc.status, "INTERNAL")], exc.message)

@@ -18,7 +18,8 @@ from typing import Any
 import msgspec
 
 from router import openai_schema as oa
-from router import timeline
+from router import openapi, timeline
+from router.auth import ApiKeys
 from router.errors import ApiError, invalid
 from router.orchestrator import ChoiceDelta, Orchestrator
 from router.requests import (
@@ -43,6 +44,9 @@ _chat_decoder = msgspec.json.Decoder(oa.ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(oa.CompletionRequest)
 _LONG_PROMPT_CHARS = 16_384  # tokenize longer prompts off the event loop
 DRAINING_MESSAGE = "This server is draining (shutting down) and takes no new requests; retry on another one"
+OVERLOADED_MESSAGE = (
+    "This server has {n} requests in flight, its limit (--max-in-flight); retry shortly or on another one"
+)
 
 
 def _error_from_msgspec(exc: msgspec.DecodeError) -> ApiError:
@@ -72,6 +76,8 @@ class RouterState:
         self.trace_every_nth_token = 1  # token events on the request span: every Nth token
         self.draining = False
         self.num_active = 0  # generation requests in progress (what a drain waits for)
+        self.max_in_flight = 0  # more generation requests than this at once get 429 (0: no limit)
+        self.api_keys = ApiKeys()  # none: the API is open
         self._idle = asyncio.Event()
 
     @property
@@ -79,9 +85,12 @@ class RouterState:
         return not self.draining and bool(self.orchestrator.pool.healthy("decode"))
 
     def admit(self) -> None:
-        """A generation request starts: counted until `release`; refused (503) once draining."""
+        """A generation request starts: counted until `release`; refused (503) once draining,
+        and (429) beyond `max_in_flight`."""
         if self.draining:
             raise ApiError(503, DRAINING_MESSAGE, None, "draining")
+        if self.max_in_flight and self.num_active >= self.max_in_flight:
+            raise ApiError(429, OVERLOADED_MESSAGE.format(n=self.num_active), None, "rate_limit_exceeded")
         self.num_active += 1
 
     def release(self) -> None:
@@ -179,6 +188,8 @@ class _Response:
 
     async def error(self, exc: ApiError) -> None:
         extra = [(b"retry-after", b"1")] if exc.status in (429, 503) else []
+        if exc.status == 401:
+            extra.append((b"www-authenticate", b"Bearer"))
         await self.json(exc.status, _json.encode(exc.envelope()), extra)
 
     async def start_sse(self, extra: list[tuple[bytes, bytes]]) -> None:
@@ -204,6 +215,7 @@ class HttpApp:
             ("GET", "/ready"): self.ready,
             ("GET", "/v1/models"): self.models,
             ("GET", "/metrics"): self.metrics,
+            ("GET", "/openapi.json"): self.openapi_document,
             ("POST", "/v1/chat/completions"): self._counted(self.chat),
             ("POST", "/v1/completions"): self._counted(self.completions),
         }
@@ -224,6 +236,8 @@ class HttpApp:
         status = 200
         tl = timeline.start(request_id, _trace_headers(scope)) if path in _GENERATE_PATHS else None
         try:
+            if path.startswith(("/v1/", "/debug/")):  # NOTE: timelines show prompts' routing: keyed too
+                self.state.api_keys.check(_header(scope, b"authorization"))
             if handler is None:
                 if path in self.paths:
                     raise ApiError(
@@ -311,6 +325,10 @@ class HttpApp:
         headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         await resp.send({"type": "http.response.start", "status": 200, "headers": headers})
         await resp.send({"type": "http.response.body", "body": body})
+
+    async def openapi_document(self, scope: dict, receive: Receive, resp: _Response) -> None:
+        models = tuple(sorted(self.state.limits.aliases))
+        await resp.json(200, openapi.document(self.state.api_keys.enabled, models))
 
     async def models(self, scope: dict, receive: Receive, resp: _Response) -> None:
         lim = self.state.limits

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pdrouter_proto import inference_pb2, inference_pb2_grpc
 from router.app import _EmbeddedServer, build_router_app, http_config
+from router.auth import ApiKeys
 from router.grpc_api import InferenceService
 from router.http_api import RouterState
 from router.routing import DEFAULT_OVERLAP_WEIGHT, POLICY_NAMES
@@ -86,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-session-affinity", action="store_true", help="ignore the x-session-id header")
     p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* and gRPC Inference (repeatable; "
+        "env PDROUTER_API_KEY: comma-separated)",
+    )
+    p.add_argument("--api-key-file", default="", metavar="PATH", help="more API keys, one per line")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=0,
+        help="generation requests at once; beyond it 429 / RESOURCE_EXHAUSTED (0: no limit)",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=float,
         default=30.0,
@@ -111,6 +127,7 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(
             "pdrouter router: give at least one --worker HOST:PORT, or --discovery dns://NAME:PORT"
         )
+    api_keys = ApiKeys.load(args.api_key, args.api_key_file)
     public_tls = (args.tls_cert, args.tls_key) if all_or_none(args, "tls_cert", "tls_key") else None
     worker_tls = None
     if all_or_none(args, "worker_tls_ca", "worker_tls_cert", "worker_tls_key"):
@@ -135,6 +152,7 @@ async def serve(args: argparse.Namespace) -> None:
     state, limits, pool = core.state, core.state.limits, core.pool
     state.trace_every_nth_token = max(1, args.trace_every_nth_token)
     state.orchestrator.idle_timeout_s = args.stream_idle_timeout_s
+    state.api_keys, state.max_in_flight = api_keys, max(0, args.max_in_flight)
     pool.start()
     discovery = None
     if args.discovery != "static":

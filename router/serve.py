@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-cert", default="", help="the router serves HTTPS and gRPC over TLS (certificate)")
     p.add_argument("--tls-key", default="", help="the private key of --tls-cert")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="the router requires 'Authorization: Bearer KEY' (repeatable; env PDROUTER_API_KEY)",
+    )
+    p.add_argument("--api-key-file", default="", metavar="PATH", help="the router's API keys, one per line")
     return p
 
 
@@ -73,8 +81,8 @@ class Stack:
         own = env_names(build_parser())
         self.env = {k: v for k, v in os.environ.items() if k not in own}
 
-    def spawn(self, name: str, argv: list[str]) -> None:
-        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, env=self.env)
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        proc = subprocess.Popen(argv, preexec_fn=_die_with_parent, env={**self.env, **(env or {})})
         self.children.append((name, proc))
 
     def dead(self) -> tuple[str, int] | None:
@@ -120,6 +128,10 @@ async def run(args: argparse.Namespace) -> int:
         raise SystemExit("pdrouter serve: no workers requested")
     if prefill and not (decode or both):
         raise SystemExit("pdrouter serve: prefill workers need at least one decode or both worker")
+    if any("," in k for k in args.api_key):
+        raise SystemExit("pdrouter serve: an --api-key with a comma: put it in an --api-key-file")
+    # NOTE: the keys go in the router's environment, not its argv (which `ps` shows)
+    router_env = {"PDROUTER_API_KEY": ",".join(args.api_key)} if args.api_key else {}
     model = str(resolve_model(args.model))
     exe = [sys.executable, "-m", "router.cli"]
     common = ["--drain-seconds", str(args.drain_seconds)]
@@ -147,10 +159,12 @@ async def run(args: argparse.Namespace) -> int:
     router_argv += ["--model", model, *common, *(["--config", args.config] if "router" in shared else [])]
     if all_or_none(args, "tls_cert", "tls_key"):
         router_argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
+    if args.api_key_file:
+        router_argv += ["--api-key-file", os.path.abspath(args.api_key_file)]
     router_argv += args.router_arg
     for a in addresses:
         router_argv += ["--worker", a]
-    stack.spawn("router", router_argv)
+    stack.spawn("router", router_argv, router_env)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

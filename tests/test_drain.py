@@ -16,6 +16,8 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdrouter_proto import inference_pb2 as ipb
+from pdrouter_proto import inference_pb2_grpc as ipb_grpc
 from pdrouter_proto import worker_pb2 as wpb
 from pdrouter_proto import worker_pb2_grpc as wpb_grpc
 from tests.kv_helpers import route_workers, wait_for
@@ -36,9 +38,9 @@ def _worker(tmp_path, model_dir, port: int) -> Proc:
     )  # fmt: skip
 
 
-def _router(tmp_path, model_dir, workers: list[str]) -> tuple[Proc, str]:
+def _router(tmp_path, model_dir, workers: list[str], grpc_port: int = 0) -> tuple[Proc, str]:
     hport = free_port()
-    argv = pdrouter("router", "--port", str(hport), "--grpc-port", str(free_port()),
+    argv = pdrouter("router", "--port", str(hport), "--grpc-port", str(grpc_port or free_port()),
                     "--model", str(model_dir), "--decode-policy", "round_robin")  # fmt: skip
     for address in workers:
         argv += ["--worker", address]
@@ -160,7 +162,8 @@ def test_router_drain_finishes_streams_refuses_new_ones_and_exits_0(tmp_path, de
     worker = _worker(tmp_path, default_model_dir, port)
     router = None
     try:
-        router, base = _router(tmp_path, default_model_dir, [f"127.0.0.1:{port}"])
+        grpc_port = free_port()
+        router, base = _router(tmp_path, default_model_dir, [f"127.0.0.1:{port}"], grpc_port)
         seen: dict[str, object] = {}
 
         def drain_router(routes: list[str]) -> None:
@@ -168,6 +171,9 @@ def test_router_drain_finishes_streams_refuses_new_ones_and_exits_0(tmp_path, de
             wait_for(lambda: _status(base + "/ready") == 503, 10, "GET /ready 503")
             seen["new"] = _post(base, "too late")
             seen["health"] = _status(base + "/health")
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch, pytest.raises(grpc.RpcError) as late:
+                list(ipb_grpc.InferenceStub(ch).Generate(ipb.GenerateRequest(prompt="late"), timeout=10))
+            seen["grpc"] = (late.value.code(), late.value.details())
             assert router.alive()
 
         results = asyncio.run(_streams(base, drain_router))
@@ -176,6 +182,7 @@ def test_router_drain_finishes_streams_refuses_new_ones_and_exits_0(tmp_path, de
         assert status == 503 and headers.get("retry-after") == "1"
         assert reply["error"]["code"] == "draining" and "draining" in reply["error"]["message"]
         assert seen["health"] == 200  # liveness stays up while it drains
+        assert seen["grpc"][0] == grpc.StatusCode.UNAVAILABLE and "draining" in seen["grpc"][1]
         assert router.proc.wait(timeout=30) == 0
     finally:
         if router is not None:

@@ -29,6 +29,7 @@ COMMANDS = ("serve", "router", "worker", "calibrate", "trace")
 _TRUE = frozenset(("1", "true", "yes", "on"))
 _FALSE = frozenset(("0", "false", "no", "off", ""))
 _OWN = ("help", "config", "print_config")
+_SECRET = frozenset(("api-key",))  # NOTE: --print-config says these are set, never what they are
 
 
 def env_name(flag: str) -> str:
@@ -84,6 +85,8 @@ def render(command: str, flags: dict[str, argparse.Action], values: dict, source
         value = values[action.dest]
         if value is None:
             lines.append(f"# {name} is not set  # {sources[action.dest]}")
+        elif name in _SECRET and value:
+            lines.append(f"# {name} is set ({len(value)}, not shown)  # {sources[action.dest]}")
         else:
             lines.append(f"{name} = {_toml(value)}  # {sources[action.dest]}")
     return "\n".join(lines) + "\n"

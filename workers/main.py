@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default="", help="model id of the HTTP API (default: the model's name)"
     )
     p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="the HTTP API requires 'Authorization: Bearer KEY' on /v1/* (repeatable; env PDROUTER_API_KEY)",
+    )
+    p.add_argument("--api-key-file", default="", metavar="PATH", help="more HTTP API keys, one per line")
+    p.add_argument(
         "--max-waiting",
         type=int,
         default=0,
@@ -216,7 +224,9 @@ class WorkerInstance:
         self.http_sock: socket.socket | None = None
         if http_port:
             from router.app import bind_tcp  # NOTE: only a worker serving HTTP imports the router
+            from router.auth import ApiKeys
 
+            self.api_keys = ApiKeys.load(args.api_key, args.api_key_file)
             self.http_sock = bind_tcp(args.host, http_port)
 
     async def start(self) -> None:
@@ -251,6 +261,7 @@ class WorkerInstance:
         core = build_router_app(
             model_dir, [f"{_dial_host(a.host)}:{self.port}"], a.served_model_name, worker_tls=tls
         )
+        core.state.api_keys = self.api_keys
         self.http = EmbeddedHttp(core, self.http_sock)
         await self.http.start(ready_timeout)
 

@@ -91,7 +91,8 @@ def _grpc_run(channel, request: ipb.GenerateRequest) -> tuple[dict[int, str], di
 
 @pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer nope"}, {"authorization": "k1"}])
 def test_http_without_the_key_is_401_in_openai_shape(stack, headers) -> None:
-    for path, body in (("/v1/chat/completions", _chat_body()), ("/v1/models", None)):
+    paths = (("/v1/chat/completions", _chat_body()), ("/v1/models", None), ("/debug/requests", None))
+    for path, body in paths:  # NOTE: /debug shows prompts' routing: keyed like the API
         status, head, reply = _request(stack.base_url + path, body, headers)
         assert status == 401, reply
         assert set(reply) == {"error"}

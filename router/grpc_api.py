@@ -49,7 +49,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         tl.mark("parsed")
         status = 200
         try:
-            self.state.admit()
+            await self.state.admission.acquire()
         except ApiError as exc:
             await _abort(context, exc)
         try:
@@ -106,7 +106,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             status = 499
             raise
         finally:
-            self.state.release()
+            self.state.admission.release()
             tl.finish(status, self.state.trace_every_nth_token)
             self.state.timelines.add(tl)
 

@@ -19,6 +19,7 @@ import msgspec
 
 from router import openai_schema as oa
 from router import openapi, timeline
+from router.admission import DRAINING_MESSAGE, Admission
 from router.auth import ApiKeys
 from router.errors import ApiError, invalid
 from router.orchestrator import ChoiceDelta, Orchestrator
@@ -43,10 +44,6 @@ _json = msgspec.json.Encoder()
 _chat_decoder = msgspec.json.Decoder(oa.ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(oa.CompletionRequest)
 _LONG_PROMPT_CHARS = 16_384  # tokenize longer prompts off the event loop
-DRAINING_MESSAGE = "This server is draining (shutting down) and takes no new requests; retry on another one"
-OVERLOADED_MESSAGE = (
-    "This server has {n} requests in flight, its limit (--max-in-flight); retry shortly or on another one"
-)
 
 
 def _error_from_msgspec(exc: msgspec.DecodeError) -> ApiError:
@@ -74,41 +71,20 @@ class RouterState:
         self.started = int(time.time())
         self.timelines = TimelineRing()
         self.trace_every_nth_token = 1  # token events on the request span: every Nth token
-        self.draining = False
-        self.num_active = 0  # generation requests in progress (what a drain waits for)
-        self.max_in_flight = 0  # more generation requests than this at once get 429 (0: no limit)
+        self.admission = Admission()
         self.api_keys = ApiKeys()  # none: the API is open
-        self._idle = asyncio.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @property
+    def num_active(self) -> int:
+        return self.admission.num_active
 
     @property
     def ready(self) -> bool:
         return not self.draining and bool(self.orchestrator.pool.healthy("decode"))
-
-    def admit(self) -> None:
-        """A generation request starts: counted until `release`; refused (503) once draining,
-        and (429) beyond `max_in_flight`."""
-        if self.draining:
-            raise ApiError(503, DRAINING_MESSAGE, None, "draining")
-        if self.max_in_flight and self.num_active >= self.max_in_flight:
-            raise ApiError(429, OVERLOADED_MESSAGE.format(n=self.num_active), None, "rate_limit_exceeded")
-        self.num_active += 1
-
-    def release(self) -> None:
-        self.num_active -= 1
-        if not self.num_active:
-            self._idle.set()
-
-    async def drain(self, seconds: float) -> bool:
-        """Refuse new requests and wait up to `seconds` for those in progress; True if all ended."""
-        self.draining = True
-        try:
-            async with asyncio.timeout(seconds):
-                while self.num_active:
-                    self._idle.clear()
-                    await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
@@ -272,14 +248,14 @@ class HttpApp:
             await resp.end_sse()
 
     def _counted(self, handler: Callable[[dict, Receive, _Response], Awaitable[None]]):
-        """A generation handler, refused while draining and counted until it ends (a drain waits)."""
+        """A generation handler, admitted (router/admission.py) and counted until it ends."""
 
         async def run(scope: dict, receive: Receive, resp: _Response) -> None:
-            self.state.admit()
+            await self.state.admission.acquire()
             try:
                 await handler(scope, receive, resp)
             finally:
-                self.state.release()
+                self.state.admission.release()
 
         return run
 

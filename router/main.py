@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdrouter_proto import inference_pb2, inference_pb2_grpc
+from router.admission import Admission
 from router.app import _EmbeddedServer, build_router_app, http_config
 from router.auth import ApiKeys
 from router.grpc_api import InferenceService
@@ -99,7 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-in-flight",
         type=int,
         default=0,
-        help="generation requests at once; beyond it 429 / RESOURCE_EXHAUSTED (0: no limit)",
+        help="generation requests at once; more wait in the queue (0: no limit)",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        default=256,
+        help="requests waiting for --max-in-flight; beyond it 429 / RESOURCE_EXHAUSTED at once",
+    )
+    p.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=10.0,
+        help="a queued request waits at most this long, then 429 / RESOURCE_EXHAUSTED",
     )
     p.add_argument(
         "--drain-seconds",
@@ -152,7 +165,8 @@ async def serve(args: argparse.Namespace) -> None:
     state, limits, pool = core.state, core.state.limits, core.pool
     state.trace_every_nth_token = max(1, args.trace_every_nth_token)
     state.orchestrator.idle_timeout_s = args.stream_idle_timeout_s
-    state.api_keys, state.max_in_flight = api_keys, max(0, args.max_in_flight)
+    state.api_keys = api_keys
+    state.admission = Admission(max(0, args.max_in_flight), max(0, args.max_queued), args.queue_timeout_s)
     pool.start()
     discovery = None
     if args.discovery != "static":
@@ -220,7 +234,7 @@ async def drain(
     with 503 / UNAVAILABLE, streams in flight finish within `seconds`; the caller then stops."""
     await health_servicer.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
     log.info("draining: waiting up to %.0f s for %d requests in flight", seconds, state.num_active)
-    if not await state.drain(seconds):
+    if not await state.admission.drain(seconds):
         log.warning(
             "drain time (%.0f s) is over with %d requests in flight; stopping", seconds, state.num_active
         )

@@ -30,10 +30,11 @@ MAX_IN_FLIGHT = 2
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path):
-    """Two keys on the command line, a limit of 2 requests at once, 50 ms per token."""
+    """Two keys on the command line, a limit of 2 requests at once and no queue, 50 ms per token."""
     s = Stack(
         tmp_path_factory.mktemp("auth"), "--both", "1", "--api-key", "k1", "--api-key", "k2",
-        f"--router-arg=--max-in-flight={MAX_IN_FLIGHT}", "--worker-arg=--mock-token-delay-ms=50",
+        f"--router-arg=--max-in-flight={MAX_IN_FLIGHT}", "--router-arg=--max-queued=0",
+        "--worker-arg=--mock-token-delay-ms=50",
     )  # fmt: skip
     yield s
     s.stop()

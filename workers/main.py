@@ -271,7 +271,7 @@ class WorkerInstance:
         unhealthy); calls in flight and KV handles pinned for decode workers get `seconds`."""
         await self.health.set(self.service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.http is not None:
-            self.http.router.state.draining = True
+            self.http.router.state.admission.draining = True
         self.service.drain()
         try:
             async with asyncio.timeout(seconds):

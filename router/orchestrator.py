@@ -41,6 +41,8 @@ FINISH_NAMES = {
 # Worker error code (grpc.StatusCode value) -> HTTP status.
 _HTTP_FROM_GRPC = {3: 400, 5: 404, 6: 409, 8: 429, 9: 400, 11: 400, 14: 503, 4: 504}
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
+# NOTE: what counts against a worker's circuit breaker: its own faults, not the client's or load
+_WORKER_FAULTS = frozenset((*_RETRYABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS))
 
 
 @dataclass(slots=True)
@@ -290,10 +292,10 @@ class Orchestrator:
                 _spawn(self._release(current, request.request_id, b"", by_id=True))
                 raise
             except grpc.aio.AioRpcError as exc:
+                self._fault(current, exc)
                 if exc.code() not in _RETRYABLE:
                     detail = f"prefill worker {current.worker_id} failed: {exc.details()}"
                     raise ApiError(502, detail, None, "worker_error") from exc
-                current.mark_unhealthy()
                 others = [
                     w for w in self.pool.healthy("prefill") if w.role == "prefill" and w.address not in tried
                 ]
@@ -304,6 +306,7 @@ class Orchestrator:
                 _end(span)
             if resp.WhichOneof("result") == "error":
                 raise _worker_error(resp.error)
+            self.pool.succeeded(worker)
             _worker_timing(prefill_queue_ms=resp.ok.queue_ms, prefill_compute_ms=resp.ok.compute_ms)
             route.prefill = worker
             return worker, resp.ok
@@ -346,6 +349,7 @@ class Orchestrator:
                             return
                     elif kind == "complete":
                         c = resp.complete
+                        self.pool.succeeded(current)
                         _worker_timing(decode_queue_ms=c.queue_ms, kv_transfer_ms=c.kv_transfer_ms)
                         reason = FINISH_NAMES.get(c.finish_reason, "stop")
                         yield choice.finish(reason, c.num_prompt_tokens, c.num_cached_tokens)
@@ -356,11 +360,11 @@ class Orchestrator:
             except (grpc.aio.AioRpcError, _StreamBroke) as exc:
                 broke = got_any or isinstance(exc, _StreamBroke)
                 code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+                self._fault(current, exc)
                 if not broke and code not in _RETRYABLE:
                     raise ApiError(
                         502, f"worker {current.worker_id} failed: {exc.details()}", None, "worker_error"
                     ) from exc
-                current.mark_unhealthy()
                 others = [w for w in self.pool.healthy("decode") if w.address not in tried]
                 if broke:
                     # NOTE: mid-generation: resume on another worker from the prompt + every token
@@ -397,6 +401,12 @@ class Orchestrator:
                 current.in_flight -= 1
                 call.cancel()
                 _end(span)
+
+    def _fault(self, worker: WorkerClient, exc: grpc.aio.AioRpcError | _StreamBroke) -> None:
+        """Count a failed call against the worker's circuit breaker if it was the worker's fault."""
+        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        if code is None or code in _WORKER_FAULTS:
+            self.pool.failed(worker, unreachable=code == grpc.StatusCode.UNAVAILABLE)
 
     async def _release(
         self, worker: WorkerClient, request_id: str, token: bytes, by_id: bool = False

@@ -2,8 +2,10 @@
 
 Watch lifecycle per worker: Info (model, block size, role) -> Subscribe (snapshot, then KV
 events and load reports) -> on a broken stream: unhealthy, back off, reconnect. A worker is
-healthy exactly while its event stream is up, so a dead worker stops receiving requests
-within one failed read, not after a timeout.
+healthy while its event stream is up (an active check: a load report every 0.5 s, silence for
+`stall_timeout_s` ejects it) and its circuit breaker is closed (passive: requests that fail in
+a row eject it; a gRPC health Check after a cool-down lets it back, see router/breaker.py).
+A dead worker stops receiving requests within one failed read, not after a timeout.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdrouter_proto import worker_pb2 as pb
 from pdrouter_proto import worker_pb2_grpc as pb_grpc
+from router.breaker import Breaker
 from workers.tls import ChannelTls
 
 log = logging.getLogger("pdrouter.router.pool")
@@ -31,6 +35,7 @@ CHANNEL_OPTIONS = [
 ]
 
 ROLE_NAMES = {pb.ROLE_BOTH: "both", pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode"}
+WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name  # what the health probe asks about
 
 
 class _Incompatible(Exception):
@@ -49,20 +54,22 @@ class WorkerClient:
         self.info: pb.InfoResponse | None = None
         self.worker_id = address  # NOTE: a plain attribute: read per candidate on every routing decision
         self.role = "both"
-        self.healthy = False
+        self.healthy = False  # NOTE: a plain attribute, read per candidate: stream_up and breaker closed
+        self.stream_up = False
+        self.breaker = Breaker()
+        self.ejections = 0
         self.load = pb.LoadReport()
         self.in_flight = 0
         self.instance_id = 0
         self._task: asyncio.Task | None = None
-
-    def mark_unhealthy(self) -> None:
-        self.healthy = False
+        self._probe: asyncio.Task | None = None
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self.channel.close(grace=None)
 
 
@@ -73,9 +80,13 @@ class WorkerPool:
         on_event: Callable[[WorkerClient, pb.WorkerEvent], None] | None = None,
         on_down: Callable[[WorkerClient], None] | None = None,
         tls: ChannelTls | None = None,
+        breaker_threshold: int = 3,
+        breaker_cooldown_s: float = 1.0,
     ):
         self.tls = tls  # NOTE: every WorkerClient of this pool dials with it (mutual TLS)
-        self.workers = [WorkerClient(a, tls) for a in addresses]
+        self.breaker_threshold = breaker_threshold  # requests failed in a row that eject a worker
+        self.breaker_cooldown_s = breaker_cooldown_s  # first wait before the half-open health probe
+        self.workers = [self._client(a) for a in addresses]
         self.on_event = on_event
         self.on_down = on_down  # a worker went unhealthy: forget what it held (its snapshot refills)
         self.stall_timeout_s = 3.0  # no event (load reports come every 0.5 s) for this long: ejected
@@ -83,6 +94,11 @@ class WorkerPool:
         self._block_size_known = False
         self._changed = asyncio.Event()
         self._started = False
+
+    def _client(self, address: str) -> WorkerClient:
+        w = WorkerClient(address, self.tls)
+        w.breaker = Breaker(self.breaker_threshold, self.breaker_cooldown_s)
+        return w
 
     def start(self) -> None:
         self._started = True
@@ -94,7 +110,7 @@ class WorkerPool:
         for w in self.workers:
             if w.address == address:
                 return w
-        w = WorkerClient(address, self.tls)
+        w = self._client(address)
         self.workers = [*self.workers, w]  # NOTE: a new list: routing iterates the old one safely
         if self._started:
             w._task = asyncio.create_task(self._watch(w), name=f"watch-{address}")
@@ -109,7 +125,7 @@ class WorkerPool:
             return
         self.workers = [w for w in self.workers if w.address != address]
         for w in gone:
-            self._set_health(w, False)
+            self._set_stream(w, False)
             await w.close()
         log.info("worker %s left", address)
 
@@ -139,11 +155,47 @@ class WorkerPool:
         w.info, w.worker_id, w.role = info, info.worker_id or w.address, ROLE_NAMES.get(info.role, "both")
         return True
 
-    def _set_health(self, w: WorkerClient, healthy: bool) -> None:
+    def succeeded(self, w: WorkerClient) -> None:
+        w.breaker.failures = 0  # NOTE: per request: the cheap part of Breaker.success
+        if w.breaker.trips:
+            w.breaker.success()
+
+    def failed(self, w: WorkerClient, unreachable: bool = False) -> None:
+        """A request on `w` failed in a way that is the worker's fault (not the client's, not load)."""
+        if not w.breaker.failure(unreachable):
+            return
+        w.ejections += 1
+        log.warning(
+            "worker %s ejected after %d failed requests in a row; health probe in %.1f s",
+            w.address, w.breaker.failures, w.breaker.cooldown_s,
+        )  # fmt: skip
+        w.healthy = False
+        self._changed.set()
+        if w._probe is None or w._probe.done():
+            w._probe = asyncio.create_task(self._half_open(w), name=f"probe-{w.address}")
+
+    async def _half_open(self, w: WorkerClient) -> None:
+        """Wait the cool-down, then ask the worker's gRPC health service; back in when SERVING."""
+        health = health_pb2_grpc.HealthStub(w.channel)
+        while w.breaker.open:
+            await asyncio.sleep(w.breaker.cooldown_s)  # the breaker's cool-down, not synchronisation
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=2)
+                serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                serving = False
+            w.breaker.probed(serving)
+        self._set_stream(w, w.stream_up)
+        log.info("worker %s passed its health probe (half-open)", w.address)
+
+    def _set_stream(self, w: WorkerClient, up: bool) -> None:
+        """The event stream came up or went down; health follows it and the breaker."""
+        was_up, w.stream_up = w.stream_up, up
+        healthy = up and not w.breaker.open
         if w.healthy != healthy:
             log.info("worker %s is %s", w.address, "healthy" if healthy else "unhealthy")
-            if not healthy and self.on_down is not None:
-                self.on_down(w)
+        if was_up and not up and self.on_down is not None:
+            self.on_down(w)
         w.healthy = healthy
         self._changed.set()
 
@@ -176,9 +228,11 @@ class WorkerPool:
                     expected += 1
                     kind = event.WhichOneof("kind")
                     if kind == "snapshot":
+                        if event.snapshot.instance_id != w.instance_id:
+                            w.breaker.success()  # a new process: its predecessor's failures are not its own
                         w.instance_id = event.snapshot.instance_id
                         w.load = event.snapshot.load
-                        self._set_health(w, True)
+                        self._set_stream(w, True)
                         backoff = 0.05
                     elif kind == "load":
                         w.load = event.load
@@ -193,6 +247,6 @@ class WorkerPool:
                     log.warning("worker %s stream broke: %s", w.address, exc.code().name)
             except Exception:  # NOTE: a watcher must never die; log and retry
                 log.exception("worker %s watcher failed", w.address)
-            self._set_health(w, False)
+            self._set_stream(w, False)
             await asyncio.sleep(backoff)  # reconnect back-off, not synchronisation
             backoff = min(backoff * 2, 2.0)

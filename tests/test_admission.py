@@ -15,8 +15,6 @@ from router.admission import Admission
 from router.errors import ApiError
 from tests.procs import Stack
 
-pytestmark = pytest.mark.asyncio
-
 
 async def _queued(adm: Admission, n: int) -> list[asyncio.Task[None]]:
     """n acquires started, each waiting in the queue before the next starts (FIFO order known)."""

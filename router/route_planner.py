@@ -132,12 +132,16 @@ class RoutePlanner:
         local_tokens = len(prompt) - held * bs
         decode_blocks = -(-(len(prompt) + max_tokens) // bs) - held  # NOTE: held blocks are shared
         us = decode.decision_us
-        self.index.record(decode.worker_id, hashes)
         if local_tokens <= self.local_prefill_max_tokens or not prefillers:
+            self.index.record(decode.worker_id, hashes)
             self.active.add(decode.worker_id, request_id, local_tokens, decode_blocks)
             return Route("aggregated", decode.worker, None, held, held, us)
         pre = self.prefill_policy.select(prefillers, hashes, len(prompt), bs)
         self.index.record(pre.worker_id, hashes)
+        if max_tokens > 1:
+            # NOTE: only a decode leg imports the prompt's KV: a request that ends with the prefill's
+            # first token never reaches the decode worker, which must not look as if it held it
+            self.index.record(decode.worker_id, hashes)
         new_tokens = len(prompt) - pre.overlap_blocks * bs
         self.active.add(pre.worker_id, request_id, new_tokens, 0)
         self.active.add(decode.worker_id, request_id, 0, decode_blocks)

@@ -251,3 +251,42 @@ def test_session_id_from_headers() -> None:
     assert session_id_from_headers({"x-session-id": "abc"}) == "abc"
     assert session_id_from_headers({"x-session-id": ""}) is None
     assert session_id_from_headers({}) is None
+
+
+@dataclass
+class _RoleWorker(FakeWorker):
+    role: str = "both"
+
+    @property
+    def address(self) -> str:
+        return self.worker_id
+
+
+class _FakePool:
+    block_size = BS
+
+    def __init__(self, *workers: _RoleWorker) -> None:
+        self.workers = list(workers)
+
+    def healthy(self, role: str | None = None) -> list[_RoleWorker]:
+        return [w for w in self.workers if role is None or w.role in (role, "both")]
+
+
+@pytest.mark.parametrize(("max_tokens", "decode_predicted"), [(1, False), (16, True)])
+def test_disaggregated_route_predicts_the_decode_worker_only_when_a_decode_leg_runs(
+    max_tokens: int, decode_predicted: bool
+) -> None:
+    """A request that ends with the prefill's first token never reaches the decode worker; if the
+    router still expected its KV there, a repeat of the prompt would prefill it on the decode worker
+    (the stall bench.interference found)."""
+    from router.route_planner import RoutePlanner
+
+    pool = _FakePool(_RoleWorker("pre", role="prefill"), _RoleWorker("dec", role="decode"))
+    planner = RoutePlanner(pool, KvIndex(), ActiveLoad())  # type: ignore[arg-type]
+    prompt = list(range(100, 100 + 40 * BS))  # 640 tokens: over the local-prefill limit
+    assert planner.plan("r1", prompt, max_tokens).mode == "disaggregated"
+    overlaps = planner.index.overlaps(planner.block_hashes(prompt))
+    assert overlaps["pre"] == 40 and ("dec" in overlaps) is decode_predicted
+    planner.finished("r1")
+    repeat = planner.plan("r2", prompt, max_tokens).mode  # the decode worker holds it only after a pull
+    assert repeat == ("aggregated" if decode_predicted else "disaggregated")

@@ -61,6 +61,13 @@ def test_default_num_blocks_from_kv_cache_bytes(tied) -> None:
     assert runner.num_blocks == (10 * 65536 + 5) // runner.spec.layout.block_bytes
 
 
+def test_default_cpu_pool_holds_two_full_context_sequences(default_model_dir: Path) -> None:
+    """The default pool must never refuse a prompt the model accepts (it once held 5,824 tokens of
+    SmolLM2's 8,192)."""
+    runner = ModelRunner(default_model_dir)  # NOTE: sizes the pool; loads nothing
+    assert runner.num_blocks * runner.block_size >= 2 * runner.spec.max_model_len
+
+
 def test_greedy_matches_hf_batch1(tiny) -> None:
     model, path = tiny
     driver = Driver(make_runner(path))

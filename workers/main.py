@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=0, help="KV pool size in blocks (0: from --kv-cache-mb)")
-    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument(
+        "--kv-cache-mb",
+        type=int,
+        default=0,
+        help="KV pool size in MiB (0: on CUDA half the memory free after the weights; on CPU room "
+        "for 2 full-context sequences, at least 512)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
         "--max-batched-tokens", type=int, default=512, help="per-step token budget (chunked prefill)"
@@ -170,7 +176,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         block_size=args.block_size,
         device=args.device,
         dtype=args.dtype,
-        kv_cache_bytes=args.kv_cache_mb << 20,
+        kv_cache_bytes=(args.kv_cache_mb << 20) or None,
         threads=args.threads or max(1, os.cpu_count() or 1),
         shared_kv=args.role != "decode",  # NOTE: only a prefill side is read through shared memory
     )

@@ -30,7 +30,8 @@ from workers.engine.sequence import SampledToken, ScheduledSeq
 
 log = logging.getLogger("pdrouter.engine")
 
-CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
+CPU_KV_CACHE_BYTES = 512 * 1024 * 1024  # at least; and room for CPU_MAX_LEN_SEQS full-context sequences
+CPU_MAX_LEN_SEQS = 2
 CUDA_KV_CACHE_FRACTION = 0.5  # of the memory still free once the weights are loaded
 
 
@@ -71,7 +72,9 @@ class ModelRunner:
             free, _ = torch.cuda.mem_get_info(self.device)
             weights = sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors"))
             return int(max(0, free - weights) * CUDA_KV_CACHE_FRACTION)
-        return CPU_KV_CACHE_BYTES
+        # NOTE: a pool smaller than one full-context request would refuse prompts the model accepts
+        max_len_blocks = -(-self.spec.max_model_len // self.spec.layout.block_size)
+        return max(CPU_KV_CACHE_BYTES, CPU_MAX_LEN_SEQS * max_len_blocks * self.spec.layout.block_bytes)
 
     def load(self) -> None:
         """Weights and KV pool, on the calling thread (see the module note); idempotent."""

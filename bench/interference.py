@@ -27,13 +27,27 @@ from tests.procs import Stack
 
 CHATS = 4
 CHAT_TOKENS = 64
-LONG_WORDS = 1200  # about 1,500 tokens
+LONG_WORDS = 1500  # common English words: about one token each, so ~1,500 tokens
+_WORDS = [
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
+    "from", "his", "her", "an", "were", "are", "which", "this", "be", "or", "had", "not", "but",
+    "one", "all", "their", "they", "she", "there", "been", "has", "more", "who", "its", "when",
+    "would", "into", "new", "some", "out", "time", "two", "other", "these", "first", "over",
+    "after", "also", "many", "most", "people", "may", "only", "year", "city", "state", "world",
+]  # fmt: skip
+
+
+def long_prompt(k: int) -> str:
+    """~1,500 tokens; `k` opens it, so no two share a first block (no prefix-cache hits)."""
+    n = len(_WORDS)
+    return f"document {k}: " + " ".join(_WORDS[(j * (k + 7) + k) % n] for j in range(LONG_WORDS))
 
 
 async def run(base: str, seconds: float, long_every_s: float) -> dict:
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300)
     gaps: list[float] = []
     longs = 0
+    errors: list[str] = []
     stop = asyncio.Event()
 
     async def chat(i: int) -> None:
@@ -54,17 +68,21 @@ async def run(base: str, seconds: float, long_every_s: float) -> dict:
 
     pending: set[asyncio.Future] = set()
 
+    def failed(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(repr(task.exception()))
+
     async def long_prompts() -> None:
         nonlocal longs
         k = 0
         while not stop.is_set():
             k += 1
-            text = f"document {k}: " + " ".join(f"w{k}x{j}" for j in range(LONG_WORDS))
             task = asyncio.ensure_future(
                 client.chat.completions.create(
-                    model="default", messages=[{"role": "user", "content": text}], max_tokens=1
+                    model="default", messages=[{"role": "user", "content": long_prompt(k)}], max_tokens=1
                 )
             )
+            task.add_done_callback(failed)
             pending.add(task)
             task.add_done_callback(pending.discard)
             longs += 1
@@ -74,8 +92,13 @@ async def run(base: str, seconds: float, long_every_s: float) -> dict:
     tasks = [asyncio.create_task(chat(i)) for i in range(CHATS)] + [asyncio.create_task(long_prompts())]
     await asyncio.sleep(seconds)
     stop.set()
-    await asyncio.gather(*tasks, *pending, return_exceptions=True)
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(result, Exception):
+            errors.append(repr(result))
+    await asyncio.gather(*pending, return_exceptions=True)  # their errors: `failed`
     await client.close()
+    if errors:  # NOTE: a refused long prompt would make the layouts look better than they are
+        raise SystemExit(f"bench.interference: {len(errors)} requests failed, first: {errors[0]}")
     return {"itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3, "tokens": len(gaps),
             "long_prompts": longs}  # fmt: skip
 

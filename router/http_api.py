@@ -296,6 +296,7 @@ class HttpApp:
     async def metrics(self, scope: dict, receive: Receive, resp: _Response) -> None:
         m = self.state.orchestrator.metrics
         m.observe_workers(self.state.orchestrator.pool.workers)
+        m.queued.set(self.state.admission.num_queued)
         body, content_type = m.render()
         resp.started = True
         headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the router (served at GET /metrics). Names are listed in docs/metrics.md."""
+"""Prometheus metrics of the router (served at GET /metrics). Names are listed in docs/observability.md."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class RouterMetrics:
             "pdrouter_migrations", "Decode streams resumed on another worker after theirs broke", registry=r
         )
         self.in_flight = Gauge("pdrouter_requests_in_flight", "Requests being served", registry=r)
+        self.queued = Gauge("pdrouter_requests_queued", "Requests waiting for --max-in-flight", registry=r)
         self.ttft = Histogram(
             "pdrouter_ttft_seconds", "Time to first token", ["mode"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -44,6 +45,9 @@ class RouterMetrics:
         self.worker_blocks_total = Gauge(
             "pdrouter_worker_kv_blocks_total", "KV pool size", ["worker"], registry=r
         )
+        self.worker_ejections = Gauge(
+            "pdrouter_worker_ejections", "Circuit-breaker ejections of the worker", ["worker"], registry=r
+        )
         self.worker_waiting = Gauge(
             "pdrouter_worker_queue_depth", "Requests waiting on the worker", ["worker"], registry=r
         )
@@ -67,6 +71,7 @@ class RouterMetrics:
             self.worker_blocks_used.labels(w.worker_id).set(w.load.kv_blocks_used)
             self.worker_blocks_total.labels(w.worker_id).set(w.load.kv_blocks_total)
             self.worker_waiting.labels(w.worker_id).set(w.load.num_waiting)
+            self.worker_ejections.labels(w.worker_id).set(w.ejections)
             for field, gauge in self.worker_kv.items():
                 gauge.labels(w.worker_id).set(getattr(w.load.kv_transfer, field))
 

@@ -146,5 +146,9 @@ async def test_router_queues_beyond_max_in_flight_and_serves_them_in_turn(
         for status, reply in overflow:
             if status == 429:
                 assert "--max-queued" in reply["error"]["message"]
+        with urllib.request.urlopen(stack.base_url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert "pdrouter_requests_queued 0.0" in metrics and "pdrouter_requests_in_flight 0.0" in metrics
+        assert "pdrouter_worker_ejections{worker=" in metrics
     finally:
         stack.stop()

@@ -329,7 +329,9 @@ class Orchestrator:
             try:
                 while True:
                     try:
-                        resp = await asyncio.wait_for(call.read(), self.idle_timeout_s)
+                        # NOTE: not wait_for: on 3.11 it wraps every read (every token) in a new task
+                        async with asyncio.timeout(self.idle_timeout_s):
+                            resp = await call.read()
                     except TimeoutError:
                         raise _StreamBroke(
                             f"worker {current.worker_id} sent nothing for {self.idle_timeout_s:g} s"

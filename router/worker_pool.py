@@ -210,7 +210,8 @@ class WorkerPool:
                 expected = 1
                 while True:
                     try:
-                        event = await asyncio.wait_for(stream.read(), self.stall_timeout_s)
+                        async with asyncio.timeout(self.stall_timeout_s):  # NOTE: no task per event
+                            event = await stream.read()
                     except TimeoutError:
                         # NOTE: load reports come every 0.5 s; silence means a stalled worker
                         # (SIGSTOP, a hung engine): eject it; reconnecting is the half-open probe

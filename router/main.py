@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--discovery",
         default="static",
-        help="static (the --worker list) or dns://NAME:PORT (e.g. a Kubernetes headless service)",
+        help="static (the --worker list), dns://NAME:PORT (e.g. a Kubernetes headless service) or "
+        "etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (workers run with --register; default prefix "
+        "/pdrouter/workers/)",
     )
     p.add_argument("--discovery-interval-s", type=float, default=5.0, help="dns: re-resolve period")
     p.add_argument(
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> None:
     if not args.worker and args.discovery == "static":
         raise SystemExit(
-            "pdrouter router: give at least one --worker HOST:PORT, or --discovery dns://NAME:PORT"
+            "pdrouter router: give at least one --worker HOST:PORT, or --discovery dns://NAME:PORT "
+            "or etcd://HOST:PORT/PREFIX"
         )
     api_keys = ApiKeys.load(args.api_key, args.api_key_file)
     public_tls = (args.tls_cert, args.tls_key) if all_or_none(args, "tls_cert", "tls_key") else None
@@ -170,13 +173,13 @@ async def serve(args: argparse.Namespace) -> None:
     pool.start()
     discovery = None
     if args.discovery != "static":
-        from router.discovery import DnsDiscovery
+        from router.discovery import make_discovery
 
         try:
-            dns = DnsDiscovery(args.discovery, args.discovery_interval_s)
+            source = make_discovery(args.discovery, args.discovery_interval_s)
         except ValueError as exc:
             raise SystemExit(f"pdrouter router: {exc}") from None
-        discovery = asyncio.create_task(dns.run(pool.add, pool.remove))
+        discovery = asyncio.create_task(source.run(pool.add, pool.remove), name="discovery")
 
     grpc_server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), grpc_server)

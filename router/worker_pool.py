@@ -34,6 +34,8 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),
 ]
 
+# NOTE: a removed worker's streams in flight finish on it (a draining worker ends them itself)
+REMOVED_GRACE_S = 600.0
 ROLE_NAMES = {pb.ROLE_BOTH: "both", pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode"}
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name  # what the health probe asks about
 
@@ -64,13 +66,17 @@ class WorkerClient:
         self._task: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None
 
-    async def close(self) -> None:
+    async def stop_watching(self) -> None:
         for task in (self._task, self._probe):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await self.channel.close(grace=None)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop watching; calls in flight get `grace` seconds (None: cancelled at once)."""
+        await self.stop_watching()
+        await self.channel.close(grace=grace)
 
 
 class WorkerPool:
@@ -94,6 +100,7 @@ class WorkerPool:
         self._block_size_known = False
         self._changed = asyncio.Event()
         self._started = False
+        self._removed: dict[WorkerClient, asyncio.Task] = {}  # closing once their calls end
 
     def _client(self, address: str) -> WorkerClient:
         w = WorkerClient(address, self.tls)
@@ -119,18 +126,24 @@ class WorkerPool:
 
     async def remove(self, address: str) -> None:
         """A worker left (discovery): no new requests; forget its KV entries and bookings.
-        Streams already running on it go on until they end (or break and migrate)."""
+        Calls already running on it go on until they end (or break and migrate); its channel
+        closes after them, in the background."""
         gone = [w for w in self.workers if w.address == address]
         if not gone:
             return
         self.workers = [w for w in self.workers if w.address != address]
         for w in gone:
+            await w.stop_watching()
             self._set_stream(w, False)
-            await w.close()
+            task = asyncio.create_task(w.close(REMOVED_GRACE_S), name=f"close-{address}")
+            self._removed[w] = task
+            task.add_done_callback(lambda _, w=w: self._removed.pop(w, None))
         log.info("worker %s left", address)
 
     async def close(self) -> None:
-        await asyncio.gather(*(w.close() for w in self.workers))
+        removed = list(self._removed)
+        await asyncio.gather(*(w.close() for w in [*self.workers, *removed]))
+        await asyncio.gather(*self._removed.values(), return_exceptions=True)
 
     def healthy(self, role: str | None = None) -> list[WorkerClient]:
         return [w for w in self.workers if w.healthy and (role is None or w.role in (role, "both"))]
@@ -171,6 +184,8 @@ class WorkerPool:
         )  # fmt: skip
         w.healthy = False
         self._changed.set()
+        if w not in self.workers:
+            return  # NOTE: removed by discovery meanwhile: nothing to probe it back into
         if w._probe is None or w._probe.done():
             w._probe = asyncio.create_task(self._half_open(w), name=f"probe-{w.address}")
 

@@ -21,9 +21,11 @@ from workers.engine.engine import Engine
 from workers.engine.runner import spec_from_model_dir
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.sequence import SamplingParams
+from workers.etcd import parse_etcd_url
 from workers.kv_agent import KvAgent
 from workers.mock.runner import MockRunner, TimingModel
 from workers.model_files import resolve_model
+from workers.registration import Registration, WorkerRecord
 from workers.service import VERSION, WorkerService
 from workers.tls import all_or_none, channel_tls, kv_contexts, server_credentials
 
@@ -122,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="on SIGTERM: refuse new work, then give requests in flight this long to finish",
+    )
+    p.add_argument(
+        "--register",
+        default="",
+        metavar="etcd://HOST:PORT[/PREFIX]",
+        help="once ready, put this worker under PREFIX (default /pdrouter/workers/) in etcd with a "
+        "lease, for routers run with --discovery etcd://...; revoked at SIGTERM",
+    )
+    p.add_argument(
+        "--register-ttl-s", type=int, default=10, help="etcd lease TTL: a dead worker is dropped after it"
+    )
+    p.add_argument(
+        "--advertise-host",
+        default="",
+        help="the host routers dial, as registered in etcd (default: --host; needed when --host is 0.0.0.0)",
     )
     p.add_argument("--tls-cert", default="", help="mutual TLS: this worker's certificate (PEM; gRPC and KV)")
     p.add_argument("--tls-key", default="", help="mutual TLS: its private key (PEM)")
@@ -302,12 +319,46 @@ class WorkerInstance:
             self.engine.stop()
 
 
+def advertised_host(args: argparse.Namespace) -> str:
+    """The host in this worker's etcd record; a --register that cannot work stops the start."""
+    host = args.advertise_host or args.host
+    if args.register:
+        if host in ("", "0.0.0.0", "::"):
+            raise SystemExit("--register with a wildcard --host needs --advertise-host (what routers dial)")
+        try:
+            parse_etcd_url(args.register)
+        except ValueError as exc:
+            raise SystemExit(f"--register {exc}") from None
+    return _dial_host(host)
+
+
+def record(inst: WorkerInstance, host: str) -> WorkerRecord:
+    a = inst.args
+    model = inst.engine.spec.name if inst.engine else ""
+    return WorkerRecord(
+        address=f"{host}:{inst.port}", worker_id=inst.worker_id, role=a.role, model=model, engine=a.engine,
+        version=VERSION,
+    )  # fmt: skip
+
+
+def register(args: argparse.Namespace, instances: list[WorkerInstance]) -> Registration | None:
+    """--register: every instance under one etcd lease, kept alive in the background."""
+    if not args.register:
+        return None
+    host = advertised_host(args)
+    records = [record(inst, host) for inst in instances]
+    registration = Registration(args.register, records, args.register_ttl_s)
+    registration.start()
+    return registration
+
+
 async def serve(args: argparse.Namespace) -> None:
     n = max(1, args.num_workers)
     if n > 1 and args.engine != "mock":
         raise SystemExit("--num-workers > 1 is for the mock engine (many simulated workers in one process)")
     if args.http_port and args.role == "prefill":
         raise SystemExit("--http-port serves whole requests: use it with --role both or decode")
+    advertised_host(args)  # NOTE: a bad --register setup fails at start, not after the model loads
     instances = []
     for i in range(n):
         port = args.port + i if args.port else 0
@@ -334,11 +385,14 @@ async def serve(args: argparse.Namespace) -> None:
                 flush=True,
             )
 
+    registration = register(args, instances)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if registration is not None:
+        await registration.close()  # NOTE: first: routers stop sending new work at once
     await asyncio.gather(*(inst.drain(args.drain_seconds) for inst in instances))
     await asyncio.gather(*(inst.stop() for inst in instances))
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/pdrouter_proto/*.proto)
 
-.PHONY: setup serve test lint format proto bench clean
+.PHONY: setup system-tools serve test lint format proto bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,24 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+# System tools the tests use: etcd (etcd discovery) and ip (the network-namespace test).
+# Installed with apt-get when missing and this is root; otherwise (or if apt-get fails) the
+# tests that need them fail saying what is missing. COMMAND:PACKAGE pairs.
+SYSTEM_TOOLS := etcd:etcd-server ip:iproute2
+
+setup: $(VENV)/.installed system-tools
+
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make setup: installing$$missing with apt-get"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing; } \
+	    || echo "make setup: apt-get could not install$$missing; the tests that need them will fail"; \
+	else \
+	  echo "make setup: missing$$missing (not root or no apt-get); the tests that need them will fail"; \
+	fi
 
 serve: setup
 	$(VENV)/bin/pdrouter serve $(ARGS)

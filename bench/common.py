@@ -7,12 +7,28 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VENVS = Path(__file__).resolve().parent / ".venvs"  # peers' and tools' own environments (gitignored)
+
+
+def peer_venv(name: str, *requirements: str) -> Path:
+    """bin/ of bench/.venvs/NAME, created with `requirements` on first use: peer systems and
+    load tools never enter the project's own environment."""
+    venv = VENVS / name
+    marker = venv / ".pdrouter-installed"
+    wanted = "\n".join(requirements)
+    if not (marker.is_file() and marker.read_text() == wanted):
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, *requirements], check=True)
+        marker.write_text(wanted)
+    return venv / "bin"
 
 
 def machine() -> dict[str, Any]:

@@ -33,7 +33,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import openai
 
-from bench.common import headline, pct, save, table
+from bench.common import headline, pct, peer_venv, save, table
 from bench.routing_decision import run_case
 from router.tokenizer import Tokenizer
 from tests.procs import Proc, free_port, free_port_run, pdrouter, wait_http_ok
@@ -56,7 +55,7 @@ OUTPUT_TOKENS = 64  # --output-tokens
 GPU_LIKE_TIMING = "2,0.08,0,8,0.15,0"
 POLICIES = ("oracle", "kv", "round_robin", "random")
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "ve", "do", "zu", "ra", "fe", "gi", "ho", "wa")
-SGLANG_VENV = Path(__file__).resolve().parent / ".venvs" / "sglang-router"
+SGLANG_ROUTER = "sglang-router==0.3.2"  # the version docs/benchmarks.md measured
 
 
 @dataclass(slots=True)
@@ -167,10 +166,7 @@ def _get(url: str) -> str:
 
 
 def start_sglang(tmp: Path, workers: Workers, policy: str = "cache_aware") -> tuple[Proc, str]:
-    py = SGLANG_VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(SGLANG_VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "sglang-router"], check=True)
+    py = peer_venv("sglang-router", SGLANG_ROUTER) / "python"
     port = free_port()
     argv = [str(py), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
             "--policy", policy, "--prometheus-port", str(free_port()),

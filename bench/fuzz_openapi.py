@@ -57,8 +57,9 @@ def main() -> None:
                    "PDROUTER_FUZZ_COUNT_FILE": str(count_file)}  # fmt: skip
             argv = [str(st), "run", stack.base_url + "/openapi.json", "--checks", CHECKS,
                     "--max-examples", str(examples), "--seed", str(args.seed), "--no-color",
-                    "--report", "json", "--report-json-path", str(tmp / "report.json")]  # fmt: skip
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+                    "--report", "json", "--report-json-path", str(tmp / "report.json"),
+                    "--generation-database", "none"]  # fmt: skip
+            done = subprocess.run(argv, env=env, cwd=tmp, capture_output=True, text=True, timeout=1800)
             alive = stack.proc.alive() and served(stack.base_url)
         finally:
             stack.stop()

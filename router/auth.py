@@ -9,6 +9,7 @@ all of them, whatever matched first.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 
@@ -19,6 +20,18 @@ MISSING_MESSAGE = (
     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
 INVALID_MESSAGE = "Incorrect API key provided."
+
+
+def add_api_key_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--api-key / --api-key-file, the same on every command that serves the OpenAI API."""
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"{what} requires 'Authorization: Bearer KEY' (repeatable; env PDROUTER_API_KEY: k1,k2)",
+    )
+    p.add_argument("--api-key-file", default="", metavar="PATH", help="more API keys, one per line")
 
 
 class ApiKeys:

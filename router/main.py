@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from pdrouter_proto import inference_pb2, inference_pb2_grpc
 from router.admission import Admission
 from router.app import _EmbeddedServer, build_router_app, http_config
-from router.auth import ApiKeys
+from router.auth import ApiKeys, add_api_key_flags
 from router.grpc_api import InferenceService
 from router.http_api import RouterState
 from router.routing import DEFAULT_OVERLAP_WEIGHT, POLICY_NAMES
@@ -89,15 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tracing: a span event for every Nth token (1: every token; the last one always)",
     )
     p.add_argument("--no-session-affinity", action="store_true", help="ignore the x-session-id header")
-    p.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1/* and gRPC Inference (repeatable; "
-        "env PDROUTER_API_KEY: comma-separated)",
-    )
-    p.add_argument("--api-key-file", default="", metavar="PATH", help="more API keys, one per line")
+    add_api_key_flags(p, "/v1/*, /debug/* and gRPC Inference")
     p.add_argument(
         "--max-in-flight",
         type=int,

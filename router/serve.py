@@ -19,6 +19,7 @@ import subprocess
 import sys
 import urllib.request
 
+from router.auth import add_api_key_flags
 from workers.config import env_names, parse_args
 from workers.config import tables as config_tables
 from workers.model_files import resolve_model
@@ -62,14 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-cert", default="", help="the router serves HTTPS and gRPC over TLS (certificate)")
     p.add_argument("--tls-key", default="", help="the private key of --tls-cert")
-    p.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="the router requires 'Authorization: Bearer KEY' (repeatable; env PDROUTER_API_KEY)",
-    )
-    p.add_argument("--api-key-file", default="", metavar="PATH", help="the router's API keys, one per line")
+    add_api_key_flags(p, "the router")
     return p
 
 

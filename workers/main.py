@@ -99,14 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--served-model-name", default="", help="model id of the HTTP API (default: the model's name)"
     )
-    p.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        metavar="KEY",
-        help="the HTTP API requires 'Authorization: Bearer KEY' on /v1/* (repeatable; env PDROUTER_API_KEY)",
-    )
-    p.add_argument("--api-key-file", default="", metavar="PATH", help="more HTTP API keys, one per line")
+    from router.auth import add_api_key_flags  # NOTE: light (msgspec), unlike the rest of the router
+
+    add_api_key_flags(p, "the HTTP API (--http-port)")
     p.add_argument(
         "--max-waiting",
         type=int,

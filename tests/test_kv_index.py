@@ -185,10 +185,10 @@ async def test_a_worker_going_down_is_forgotten_by_the_index() -> None:
     )
     w = pool.workers[0]
     exact.store(w.worker_id, [1, 2, 3])
-    pool._set_health(w, True)
+    pool._set_stream(w, True)
     assert exact.overlaps([1, 2, 3]) == {w.worker_id: 3} and not forgotten
-    pool._set_health(w, False)
+    pool._set_stream(w, False)
     assert exact.overlaps([1, 2, 3]) == {} and forgotten == [w.worker_id]
-    pool._set_health(w, False)  # already down: nothing more to forget
+    pool._set_stream(w, False)  # already down: nothing more to forget
     assert forgotten == [w.worker_id]
     await w.close()

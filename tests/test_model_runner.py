@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from tests._tiny_llama import Driver, hf_greedy, make_tiny_llama
+from workers.engine.linear import onednn_available
 from workers.engine.model_runner import ModelRunner
 from workers.engine.sampler import Sampler
 from workers.engine.sequence import SamplingParams
 
 pytestmark = pytest.mark.unit
+
+GEMMS = ["blas", *(["onednn"] if onednn_available() else [])]
 
 PROMPTS = [
     [5, 17, 33, 250, 7, 99, 100, 3, 42],
@@ -38,8 +41,8 @@ def tied(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     return make_tiny_llama(path, tie_word_embeddings=True), path
 
 
-def make_runner(path: Path, block_size: int = 4) -> ModelRunner:
-    return ModelRunner(path, num_blocks=512, block_size=block_size)
+def make_runner(path: Path, block_size: int = 4, gemm: str = "auto") -> ModelRunner:
+    return ModelRunner(path, num_blocks=512, block_size=block_size, gemm=gemm)  # type: ignore[arg-type]
 
 
 def test_spec_and_pool_layout(tied) -> None:
@@ -52,6 +55,11 @@ def test_spec_and_pool_layout(tied) -> None:
     assert runner.kv_pool.shape == (512, 2, 2, 16, 2, 16)
     assert runner.kv_pool.is_contiguous()
     assert runner.kv_pool[3].numel() * runner.kv_pool.element_size() == layout.block_bytes
+
+
+def test_unknown_gemm_fails_at_construction(tied) -> None:
+    with pytest.raises(ValueError, match="unknown gemm 'fastest'"):
+        ModelRunner(tied[1], num_blocks=8, gemm="fastest")  # type: ignore[arg-type]
 
 
 def test_default_num_blocks_from_kv_cache_bytes(tied) -> None:
@@ -108,11 +116,12 @@ def test_config_variants_match_hf(tmp_path: Path, overrides: dict) -> None:
         assert tokens == hf_greedy(model, prompt, 12)
 
 
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("chunk", [None, 8])
-def test_greedy_matches_hf_batch8_mixed(tied, chunk: int | None) -> None:
+def test_greedy_matches_hf_batch8_mixed(tied, chunk: int | None, gemm: str) -> None:
     """All 8 step together: with chunk=8 long prompts still prefill while short ones decode."""
     model, path = tied
-    driver = Driver(make_runner(path))
+    driver = Driver(make_runner(path, gemm=gemm))
     seqs = [driver.new_seq(f"r{i}", p) for i, p in enumerate(PROMPTS)]
     got = driver.generate(seqs, 16, chunk=chunk)
     for prompt, tokens in zip(PROMPTS, got, strict=True):
@@ -282,7 +291,8 @@ def test_default_model_greedy_matches_hf(smol) -> None:
 
 
 @pytest.mark.e2e
-def test_default_model_batch8_matches_hf(smol) -> None:
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_default_model_batch8_matches_hf(smol, gemm: str) -> None:
     model, tokenizer, path = smol
     questions = [
         "What is the capital of France?",
@@ -295,7 +305,7 @@ def test_default_model_batch8_matches_hf(smol) -> None:
         "List the planets of the solar system in order from the sun, please.",
     ]
     prompts = [chat_ids(tokenizer, q) for q in questions]
-    driver = Driver(ModelRunner(path, num_blocks=128))
+    driver = Driver(ModelRunner(path, num_blocks=128, gemm=gemm))  # type: ignore[arg-type]
     got = driver.generate([driver.new_seq(f"r{i}", p) for i, p in enumerate(prompts)], 24, chunk=32)
     for prompt, tokens in zip(prompts, got, strict=True):
         assert tokens == hf_greedy(model, prompt, 24)

@@ -23,6 +23,7 @@ import torch
 from kvtransfer.layout import KvLayout
 from kvtransfer.pool import KvPool
 from workers.engine.attention import plan_step
+from workers.engine.linear import Gemm, resolve_gemm
 from workers.engine.llama import LlamaModel
 from workers.engine.runner import ModelSpec, spec_from_model_dir
 from workers.engine.sampler import Sampler
@@ -47,12 +48,14 @@ class ModelRunner:
         kv_cache_bytes: int | None = None,
         threads: int | None = None,
         shared_kv: bool = False,
+        gemm: Gemm = "auto",
     ) -> None:
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype: torch.dtype = getattr(torch, dtype)
         self.threads = threads
+        self.gemm = resolve_gemm(gemm, self.device)  # NOTE: checked now, so a bad value fails at start
         self.shared_kv = shared_kv and self.device.type == "cpu"
         self.transfer_pool: KvPool | None = None  # the pool's bytes as kvtransfer sees them (CPU only)
         # NOTE: shared with the mock runner so both engines describe a directory identically.
@@ -86,7 +89,7 @@ class ModelRunner:
         if self.threads and self.device.type == "cpu":
             torch.set_num_threads(self.threads)
         layout = self.spec.layout
-        model = LlamaModel.load(self.model_dir, self.device, self.dtype)
+        model = LlamaModel.load(self.model_dir, self.device, self.dtype, self.gemm)
         shape = (self.num_blocks, layout.num_layers, 2, self.block_size, layout.num_kv_heads, layout.head_dim)
         # NOTE: zeroed (fresh mappings are): padded decode gathers read unwritten slots, 0 * NaN leaks.
         if self.device.type == "cpu":

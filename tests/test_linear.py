@@ -1,0 +1,43 @@
+"""Packed linear layers: every GEMM path computes x @ W.T + b, and a bad choice fails clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.engine.linear import Linear, onednn_available, resolve_gemm
+
+pytestmark = pytest.mark.unit
+
+CPU_GEMMS = ["blas", *(["onednn"] if onednn_available() else [])]
+
+
+@pytest.mark.parametrize("gemm", CPU_GEMMS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_linear_matches_f_linear(gemm: str, bias: bool, tokens: int) -> None:
+    g = torch.Generator().manual_seed(tokens)
+    w = torch.randn(96, 48, generator=g)
+    b = torch.randn(96, generator=g) if bias else None
+    x = torch.randn(tokens, 48, generator=g)
+    layer = Linear(w, b, gemm)  # type: ignore[arg-type]
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    got = layer(x)
+    assert got.shape == (tokens, 96) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer(x), got, rtol=0, atol=0)  # NOTE: the packed weight is reusable
+
+
+def test_auto_picks_onednn_on_cpu_when_available_and_blas_elsewhere() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_gemm("auto", cpu) == ("onednn" if onednn_available() else "blas")
+    assert resolve_gemm("blas", cpu) == "blas"
+    assert resolve_gemm("auto", cuda) == "blas"
+
+
+def test_bad_gemm_choices_name_the_problem() -> None:
+    with pytest.raises(ValueError, match=r"unknown gemm 'fast' \(choose from auto, onednn, blas\)"):
+        resolve_gemm("fast", torch.device("cpu"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'onednn' runs on the CPU only, not on cuda"):
+        resolve_gemm("onednn", torch.device("cuda"))

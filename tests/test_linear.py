@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.engine.linear import Linear, onednn_available, resolve_gemm
+from workers.engine.linear import Linear, check_gemm, onednn_available, resolve_gemm
 
 pytestmark = pytest.mark.unit
 
@@ -29,6 +29,16 @@ def test_linear_matches_f_linear(gemm: str, bias: bool, tokens: int) -> None:
     torch.testing.assert_close(layer(x), got, rtol=0, atol=0)  # NOTE: the packed weight is reusable
 
 
+@pytest.mark.skipif(not onednn_available(torch.bfloat16), reason="no oneDNN bfloat16 on this CPU")
+def test_onednn_runs_bfloat16() -> None:
+    w, x = torch.randn(96, 48), torch.randn(5, 48)
+    got = Linear(w.bfloat16(), None, "onednn")(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        got.float(), F.linear(x.bfloat16().float(), w.bfloat16().float()), rtol=2e-2, atol=0.1
+    )
+
+
 def test_auto_picks_onednn_on_cpu_when_available_and_blas_elsewhere() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_gemm("auto", cpu) == ("onednn" if onednn_available() else "blas")
@@ -36,8 +46,17 @@ def test_auto_picks_onednn_on_cpu_when_available_and_blas_elsewhere() -> None:
     assert resolve_gemm("auto", cuda) == "blas"
 
 
+@pytest.mark.skipif(onednn_available(torch.float16), reason="this CPU runs oneDNN in float16")
+def test_auto_falls_back_to_blas_for_a_dtype_onednn_cannot_run_here() -> None:
+    assert resolve_gemm("auto", torch.device("cpu"), torch.float16) == "blas"
+    with pytest.raises(ValueError, match=r"cannot run torch\.float16 on this CPU"):
+        resolve_gemm("onednn", torch.device("cpu"), torch.float16)
+
+
 def test_bad_gemm_choices_name_the_problem() -> None:
     with pytest.raises(ValueError, match=r"unknown gemm 'fast' \(choose from auto, onednn, blas\)"):
         resolve_gemm("fast", torch.device("cpu"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'onednn' runs on the CPU only, not on cuda"):
         resolve_gemm("onednn", torch.device("cuda"))
+    with pytest.raises(ValueError, match="unknown gemm 'mkl'"):
+        check_gemm("mkl", torch.device("cpu"))  # type: ignore[arg-type]

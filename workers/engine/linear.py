@@ -11,6 +11,7 @@ CUDA uses F.linear (cuBLAS).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -21,21 +22,35 @@ Gemm = Literal["auto", "onednn", "blas"]
 GEMMS: tuple[Gemm, ...] = ("auto", "onednn", "blas")
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.cache
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build and CPU run oneDNN linear layers in `dtype` (fp16 needs AVX512-FP16)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), None)
+        return bool(_onednn(torch.ones(2, 8, dtype=dtype), w, None).eq(8).all())
+    except RuntimeError:
+        return False
 
 
-def resolve_gemm(gemm: Gemm, device: torch.device) -> Gemm:
+def check_gemm(gemm: Gemm, device: torch.device) -> None:
+    """The checks that need no torch work (see workers/engine/model_runner.py on threads)."""
     if gemm not in GEMMS:
         raise ValueError(f"unknown gemm {gemm!r} (choose from {', '.join(GEMMS)})")
+    if gemm == "onednn" and device.type != "cpu":
+        raise ValueError(f"gemm 'onednn' runs on the CPU only, not on {device.type}")
+
+
+def resolve_gemm(gemm: Gemm, device: torch.device, dtype: torch.dtype = torch.float32) -> Gemm:
+    """The GEMM the layers will use: `auto` is oneDNN where it runs `dtype` on this CPU, else blas."""
+    check_gemm(gemm, device)
     if device.type != "cpu":
-        if gemm == "onednn":
-            raise ValueError(f"gemm 'onednn' runs on the CPU only, not on {device.type}")
         return "blas"
     if gemm == "auto":
-        return "onednn" if onednn_available() else "blas"
-    if gemm == "onednn" and not onednn_available():
-        raise ValueError("gemm 'onednn' is not available in this torch build (no mkldnn)")
+        return "onednn" if onednn_available(dtype) else "blas"
+    if gemm == "onednn" and not onednn_available(dtype):
+        raise ValueError(f"gemm 'onednn' cannot run {dtype} on this CPU with this torch build")
     return gemm
 
 

@@ -112,7 +112,7 @@ class LlamaModel:
         self.cfg = cfg
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
-        self.gemm = gemm = resolve_gemm(gemm, self.embed.device)
+        self.gemm = gemm = resolve_gemm(gemm, self.embed.device, self.embed.dtype)
         head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.lm_head = Linear(head, None, gemm)
         self.layers = [self._layer(weights, f"model.layers.{i}.", gemm) for i in range(cfg.num_layers)]

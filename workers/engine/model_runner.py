@@ -23,7 +23,7 @@ import torch
 from kvtransfer.layout import KvLayout
 from kvtransfer.pool import KvPool
 from workers.engine.attention import plan_step
-from workers.engine.linear import Gemm, resolve_gemm
+from workers.engine.linear import Gemm, check_gemm
 from workers.engine.llama import LlamaModel
 from workers.engine.runner import ModelSpec, spec_from_model_dir
 from workers.engine.sampler import Sampler
@@ -55,7 +55,8 @@ class ModelRunner:
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
         self.dtype: torch.dtype = getattr(torch, dtype)
         self.threads = threads
-        self.gemm = resolve_gemm(gemm, self.device)  # NOTE: checked now, so a bad value fails at start
+        check_gemm(gemm, self.device)  # NOTE: now, so a bad choice fails at start, not at the first step
+        self.gemm = gemm
         self.shared_kv = shared_kv and self.device.type == "cpu"
         self.transfer_pool: KvPool | None = None  # the pool's bytes as kvtransfer sees them (CPU only)
         # NOTE: shared with the mock runner so both engines describe a directory identically.

@@ -23,6 +23,7 @@ import torch
 from kvtransfer.layout import KvLayout
 from kvtransfer.pool import KvPool
 from workers.engine.attention import plan_step
+from workers.engine.host_memory import keep_freed_memory
 from workers.engine.linear import Gemm, check_gemm
 from workers.engine.llama import LlamaModel
 from workers.engine.runner import ModelSpec, spec_from_model_dir
@@ -87,8 +88,10 @@ class ModelRunner:
                 self._load()
 
     def _load(self) -> None:
-        if self.threads and self.device.type == "cpu":
-            torch.set_num_threads(self.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+            if self.threads:
+                torch.set_num_threads(self.threads)
         layout = self.spec.layout
         model = LlamaModel.load(self.model_dir, self.device, self.dtype, self.gemm)
         shape = (self.num_blocks, layout.num_layers, 2, self.block_size, layout.num_kv_heads, layout.head_dim)

@@ -208,7 +208,9 @@ def best(rounds: list[dict], key: str) -> dict:
     return max((r[key] for r in rounds), key=lambda m: m["tok_s"])
 
 
-def plot(path: Path, levels: list[int], ours_res: dict[int, dict], hf1: float, hf32: float) -> None:
+def plot(
+    path: Path, levels: list[int], ours_res: dict[int, dict], blas: dict[int, dict], hf1: float, hf32: float
+) -> None:
     try:
         import matplotlib
 
@@ -218,6 +220,8 @@ def plot(path: Path, levels: list[int], ours_res: dict[int, dict], hf1: float, h
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(levels, [ours_res[c]["tok_s"] for c in levels], marker="o", label="pdrouter engine")
+    if blas:
+        ax.plot(list(blas), [r["tok_s"] for r in blas.values()], "s--", label="pdrouter engine, blas GEMM")
     ax.axhline(hf32, color="tab:red", linestyle="--", label="transformers static batch 32")
     ax.axhline(hf1, color="tab:gray", linestyle=":", label="transformers single stream")
     ax.set_xlabel("concurrent requests")
@@ -305,7 +309,7 @@ def main() -> None:
             "headline": figures,
         },
     )
-    plot(path.with_suffix(".png"), levels, ours_res, hf1, hf32)
+    plot(path.with_suffix(".png"), levels, ours_res, blas, hf1, hf32)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     headline(figures)
 

@@ -66,9 +66,9 @@ LAYOUTS = {
     "disagg-1p2d": ["--prefill", "1", "--decode", "2"],
 }
 QUICK_LAYOUTS = ("agg-2", "disagg-1p1d")
-# NOTE: `pdrouter calibrate` on the 2-vCPU dev VM (2 threads): prefill 50 ms + 0.53 ms/token,
-# decode step 29 ms + 1.5 ms/sequence + 0.0063 ms/context token
-CPU_LIKE_TIMING = "49.9,0.528,0.000556,28.9,1.48,0.00635"
+# NOTE: `pdrouter calibrate --threads 2` on the 2-vCPU dev VM (AMD EPYC, oneDNN GEMMs, 2026-12-02):
+# prefill 22 ms + 0.70 ms/token, decode step 20 ms + 0.74 ms/sequence + 0.0067 ms/context token
+CPU_LIKE_TIMING = "22.3,0.702,0.000329,19.6,0.738,0.00670"
 SYSTEM_PROMPT = (
     "You are a helpful assistant for a city library. Answer questions about opening hours, "
     "borrowing rules, events and the catalogue. Be friendly and concise, use plain words, and "

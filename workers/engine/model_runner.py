@@ -22,7 +22,7 @@ import torch
 
 from kvtransfer.layout import KvLayout
 from kvtransfer.pool import KvPool
-from workers.engine.attention import plan_step
+from workers.engine.attention import GROUP_COST_BLOCKS, plan_step
 from workers.engine.host_memory import keep_freed_memory
 from workers.engine.linear import Gemm, check_gemm
 from workers.engine.llama import LlamaModel
@@ -67,6 +67,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.sampler = Sampler()
+        self.decode_group_cost = (
+            GROUP_COST_BLOCKS  # see attention.group_decodes; bench.decode_groups varies it
+        )
         self._model: LlamaModel | None = None
         self._kv_pool: torch.Tensor | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -136,8 +139,9 @@ class ModelRunner:
         if not batch:
             return []
         model = self.model
-        # NOTE: single-token entries go first so all decodes share one padded attention call.
-        order = sorted(range(len(batch)), key=lambda i: batch[i].num_tokens != 1)
+        # NOTE: single-token entries first, longest context first, so decodes of similar length
+        # share a padded attention call (attention.group_decodes).
+        order = sorted(range(len(batch)), key=lambda i: (batch[i].num_tokens != 1, -batch[i].start))
         items = [batch[i] for i in order]
         token_ids: list[int] = []
         last_token: list[int] = []
@@ -145,7 +149,10 @@ class ModelRunner:
             token_ids.extend(it.seq.token_ids[it.start : it.start + it.num_tokens])
             last_token.append(len(token_ids) - 1)
         step = plan_step(
-            [(it.start, it.num_tokens, it.seq.block_table) for it in items], self.block_size, self.device
+            [(it.start, it.num_tokens, it.seq.block_table) for it in items],
+            self.block_size,
+            self.device,
+            self.decode_group_cost,
         )
         input_ids = torch.tensor(token_ids, dtype=torch.long).to(self.device)
         hidden = model.forward(input_ids, step.positions, step, self.kv_caches)

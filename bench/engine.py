@@ -105,7 +105,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-async def ours(engine, prompts: list[list[int]], lengths: list[int]) -> dict:
+async def ours(engine, prompts: list[list[int]], lengths: list[int], temperature: float = 0.0) -> dict:
     from workers.engine.sequence import SamplingParams
 
     ttfts: list[float] = []
@@ -116,7 +116,12 @@ async def ours(engine, prompts: list[list[int]], lengths: list[int]) -> dict:
         nonlocal total
         t0 = time.perf_counter()
         last = None
-        params = SamplingParams(max_tokens=lengths[i], temperature=0.0, ignore_eos=True)
+        params = SamplingParams(
+            max_tokens=lengths[i],
+            temperature=temperature,
+            top_p=0.95 if temperature else 1.0,
+            ignore_eos=True,
+        )
         async for out in engine.generate(f"b{i}-{time.monotonic_ns()}", prompt, params):
             now = time.perf_counter()
             if last is None:
@@ -179,6 +184,9 @@ async def _measure_ours(job: Job, prompts: list[list[int]]) -> dict:
             engine.block_manager.clear_cache()
         if job.mixed:
             results["mixed"] = await ours(engine, prompts, job.mixed)
+            engine.block_manager.clear_cache()
+            # NOTE: what sampling costs: the same 32 requests at temperature 1, top_p 0.95
+            results["sampled"] = await ours(engine, prompts, [job.max_new] * 32, temperature=1.0)
         return results
     finally:
         engine.stop()
@@ -280,6 +288,8 @@ def main() -> None:
     rows.append(["transformers static, mixed lengths", 32, hf32_mixed, "", "", "", ""])
     rows += [row("pdrouter engine", c, ours_res[c]) for c in levels]
     rows.append(row("pdrouter engine, mixed lengths", 32, ours_mixed))
+    ours_sampled = best(runs["ours"], "sampled")
+    rows.append(row("pdrouter engine, temperature 1, top_p 0.95", 32, ours_sampled))
     rows += [row("pdrouter engine, blas GEMM", c, r) for c, r in blas.items()]
     headers = ["system", "concurrency", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
     print(f"{args.device}, {args.threads} threads, {max_new} new tokens, best of {rounds} round(s)")
@@ -292,6 +302,7 @@ def main() -> None:
         "ratio_vs_hf_static_batch32": round(ours_res[32]["tok_s"] / hf32, 3),
         "ratio_vs_hf_single_stream": round(ours_res[1]["tok_s"] / hf1, 3),
         "ratio_vs_hf_static_batch32_mixed_lengths": round(ours_mixed["tok_s"] / hf32_mixed, 3),
+        "ratio_sampled_vs_greedy_c32": round(ours_sampled["tok_s"] / ours_res[32]["tok_s"], 3),
         "ttft_p50_ms_c32": round(ours_res[32]["ttft_p50_ms"], 1),
         "itl_p50_ms_c32": round(ours_res[32]["itl_p50_ms"], 1),
         "device": args.device,

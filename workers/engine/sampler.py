@@ -1,12 +1,16 @@
 """Next-token choice from the last-position logits: greedy rows in one argmax, the rest one by one.
 
-Sampled rows apply temperature -> top_k -> top_p, then draw from a per-request generator when
-the request has a seed (created on first use, so the same prompt and seed give the same tokens
-whatever shares the batch) or from the global RNG otherwise. Logprobs are taken from the
-model's own distribution (log_softmax of the raw logits, before temperature), as OpenAI reports.
+Sampled rows apply temperature -> top_k -> top_p, then draw (inverse CDF: one uniform number, a
+cumsum and a binary search; no full sort of the vocabulary unless top_p needs it) from a
+per-request generator when the request has a seed (created on first use, so the same prompt and
+seed give the same tokens whatever shares the batch) or from the global RNG otherwise. Logprobs
+are taken from the model's own distribution (log_softmax of the raw logits, before
+temperature), as OpenAI reports.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,17 +51,17 @@ class Sampler:
     @staticmethod
     def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
         row = row / p.temperature
+        ids = None
         if 0 < p.top_k < row.shape[0]:
-            values, ids = row.topk(p.top_k)
-        else:
-            values, ids = row.sort(descending=True)
-        probs = values.softmax(dim=-1)
+            row, ids = row.topk(p.top_k)
+        elif p.top_p < 1.0:
+            row, ids = _nucleus_candidates(row, p.top_p)
+        probs = row.softmax(dim=-1)
         if p.top_p < 1.0:
             # NOTE: keep the smallest best-first prefix whose mass reaches top_p (always >= 1 token).
-            keep = (probs.cumsum(dim=-1) - probs) < p.top_p
-            probs = probs * keep
-        choice = torch.multinomial(probs, 1, generator=gen)
-        return int(ids[choice])
+            probs = probs[: int(((probs.cumsum(dim=-1) - probs) < p.top_p).sum())]
+        choice = _inverse_cdf(probs, gen)
+        return choice if ids is None else int(ids[choice])
 
     @staticmethod
     def _add_logprobs(logits: torch.Tensor, tokens: list[SampledToken], params: list[SamplingParams]) -> None:
@@ -72,3 +76,27 @@ class Sampler:
         for t, p, vals, ids in zip(tokens, params, top_values.tolist(), top_ids.tolist(), strict=True):
             if p.logprobs:
                 t.top_logprobs = list(zip(ids[: p.logprobs], vals[: p.logprobs], strict=True))
+
+
+NUCLEUS_CANDIDATES = 1024  # top_p looks here first: one full sort of SmolLM2's vocabulary is ~4.4 ms
+
+
+def _nucleus_candidates(row: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best-first logits that can hold the top_p nucleus: the top 1,024 when their mass
+    reaches top_p (the usual case, ~0.1 ms), else the whole row sorted."""
+    if row.shape[0] > NUCLEUS_CANDIDATES:
+        values, ids = row.topk(NUCLEUS_CANDIDATES)
+        if float(torch.logsumexp(values, 0) - torch.logsumexp(row, 0)) >= math.log(top_p):
+            return values, ids
+    return row.sort(descending=True)
+
+
+def _inverse_cdf(probs: torch.Tensor, gen: torch.Generator | None) -> int:
+    """One draw from `probs` (not necessarily normalised) with one uniform number: a cumsum and a
+    binary search, ~10x cheaper than torch.multinomial over a 49,152-token vocabulary."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(1, generator=gen, device=probs.device, dtype=cdf.dtype) * cdf[-1]
+    choice = int(torch.searchsorted(cdf, u, right=True))
+    if choice >= probs.shape[0]:  # NOTE: u rounded up to the total: take the last token with mass
+        choice = int(probs.nonzero()[-1])
+    return choice

@@ -56,3 +56,16 @@ def test_a_narrow_nucleus_in_a_large_vocabulary_stays_in_it() -> None:
         for s in range(60)
     }
     assert got == {7, 700}
+
+
+def test_the_nucleus_is_measured_against_the_whole_vocabulary() -> None:
+    """The top 1,024 hold ~92.5% of the mass here; renormalising them would drop token 2."""
+    vocab = 4 * NUCLEUS_CANDIDATES
+    probs = torch.full((vocab,), 0.1 / (vocab - 3))
+    probs[:3] = torch.tensor([0.5, 0.3, 0.1])
+    params = SamplingParams(top_p=0.85, seed=6)
+    got = frequencies(probs.log(), params, 900)
+    assert set(got.nonzero().view(-1).tolist()) == {0, 1, 2}
+    torch.testing.assert_close(
+        got[:3], torch.tensor([5 / 9, 3 / 9, 1 / 9], dtype=got.dtype), rtol=0, atol=0.06
+    )

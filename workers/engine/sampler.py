@@ -10,8 +10,6 @@ temperature), as OpenAI reports.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from workers.engine.sequence import SampledToken, SamplingParams
@@ -53,10 +51,12 @@ class Sampler:
         row = row / p.temperature
         ids = None
         if 0 < p.top_k < row.shape[0]:
-            row, ids = row.topk(p.top_k)
+            values, ids = row.topk(p.top_k)
+            probs = values.softmax(dim=-1)  # NOTE: top_p then applies within the top k, renormalised
         elif p.top_p < 1.0:
-            row, ids = _nucleus_candidates(row, p.top_p)
-        probs = row.softmax(dim=-1)
+            probs, ids = _nucleus_candidates(row, p.top_p)
+        else:
+            probs = row.softmax(dim=-1)
         if p.top_p < 1.0:
             # NOTE: keep the smallest best-first prefix whose mass reaches top_p (always >= 1 token).
             probs = probs[: int(((probs.cumsum(dim=-1) - probs) < p.top_p).sum())]
@@ -82,13 +82,17 @@ NUCLEUS_CANDIDATES = 1024  # top_p looks here first: one full sort of SmolLM2's 
 
 
 def _nucleus_candidates(row: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best-first logits that can hold the top_p nucleus: the top 1,024 when their mass
-    reaches top_p (the usual case, ~0.1 ms), else the whole row sorted."""
+    """Best-first probabilities (of the whole row, not renormalised) and ids of the logits that
+    can hold the top_p nucleus: the top 1,024 when their mass reaches top_p (the usual case,
+    ~0.1 ms), else the whole row sorted."""
+    log_total = torch.logsumexp(row, 0)
     if row.shape[0] > NUCLEUS_CANDIDATES:
         values, ids = row.topk(NUCLEUS_CANDIDATES)
-        if float(torch.logsumexp(values, 0) - torch.logsumexp(row, 0)) >= math.log(top_p):
-            return values, ids
-    return row.sort(descending=True)
+        probs = (values - log_total).exp()
+        if float(probs.sum()) >= top_p:
+            return probs, ids
+    values, ids = row.sort(descending=True)
+    return (values - log_total).exp(), ids
 
 
 def _inverse_cdf(probs: torch.Tensor, gen: torch.Generator | None) -> int:

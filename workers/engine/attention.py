@@ -39,8 +39,7 @@ class StepAttention:
     positions: torch.Tensor  # [tokens]
     slot_blocks: torch.Tensor  # [tokens]: block id that receives each token's K/V
     slot_offsets: torch.Tensor  # [tokens]: offset inside that block
-    num_decodes: int
-    decode_groups: list[DecodeGroup]
+    decode_groups: list[DecodeGroup]  # the step's decodes, tokens [0, decode_groups[-1].end)
     chunks: list[PrefillChunk]
 
 
@@ -109,7 +108,6 @@ def plan_step(
         positions=positions.to(device),
         slot_blocks=slot_blocks.to(device),
         slot_offsets=(positions % block_size).to(device),
-        num_decodes=num_decodes,
         decode_groups=groups,
         chunks=chunks,
     )

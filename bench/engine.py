@@ -158,13 +158,15 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def measure(job: Job) -> dict:
-    torch.set_num_threads(job.threads)
     from transformers import AutoTokenizer
 
-    prompts = make_prompts(AutoTokenizer.from_pretrained(job.model_dir), 32)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+    prompts = make_prompts(tokenizer, 32)
     if job.system == "ours":
+        # NOTE: the runner sets its threads on the engine thread, the only one doing torch work
         return asyncio.run(_measure_ours(job, prompts))
-    return _measure_hf(job, prompts)
+    torch.set_num_threads(job.threads)
+    return _measure_hf(job, prompts, tokenizer.pad_token_id or 0)
 
 
 async def _measure_ours(job: Job, prompts: list[list[int]]) -> dict:
@@ -192,10 +194,9 @@ async def _measure_ours(job: Job, prompts: list[list[int]]) -> dict:
         engine.stop()
 
 
-def _measure_hf(job: Job, prompts: list[list[int]]) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _measure_hf(job: Job, prompts: list[list[int]], pad: int) -> dict:
+    from transformers import AutoModelForCausalLM
 
-    pad = AutoTokenizer.from_pretrained(job.model_dir).pad_token_id or 0
     dtype = torch.bfloat16 if job.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=dtype).to(job.device).eval()
     hf_static_batch(model, prompts[:2], [4, 4], pad)  # warm-up

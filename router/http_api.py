@@ -73,6 +73,7 @@ class RouterState:
         self.trace_every_nth_token = 1  # token events on the request span: every Nth token
         self.admission = Admission()
         self.api_keys = ApiKeys()  # none: the API is open
+        self.ready_min_workers = 1  # NOTE: `serve` asks for every worker it starts
 
     @property
     def draining(self) -> bool:
@@ -84,7 +85,12 @@ class RouterState:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and bool(self.orchestrator.pool.healthy("decode"))
+        pool = self.orchestrator.pool
+        return (
+            not self.draining
+            and bool(pool.healthy("decode"))
+            and len(pool.healthy()) >= self.ready_min_workers
+        )
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-policy", choices=POLICY_NAMES, default="kv", help="routing policy of the decode pool"
     )
     p.add_argument(
+        "--ready-min-workers",
+        type=int,
+        default=1,
+        help="GET /ready answers 200 once this many workers are healthy (and one can decode)",
+    )
+    p.add_argument(
         "--local-prefill-max-tokens",
         type=int,
         default=512,
@@ -159,6 +165,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     state, limits, pool = core.state, core.state.limits, core.pool
     state.trace_every_nth_token = max(1, args.trace_every_nth_token)
+    state.ready_min_workers = max(1, args.ready_min_workers)
     state.orchestrator.idle_timeout_s = args.stream_idle_timeout_s
     state.api_keys = api_keys
     state.admission = Admission(max(0, args.max_in_flight), max(0, args.max_queued), args.queue_timeout_s)

@@ -151,6 +151,9 @@ async def run(args: argparse.Namespace) -> int:
         str(args.grpc_port),
     ]
     router_argv += ["--model", model, *common, *(["--config", args.config] if "router" in shared else [])]
+    # NOTE: ready means the stack as asked for: a prefill worker still loading would turn the
+    # first disaggregated requests into aggregated ones
+    router_argv += ["--ready-min-workers", str(len(roles))]
     if all_or_none(args, "tls_cert", "tls_key"):
         router_argv += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
     if args.api_key_file:

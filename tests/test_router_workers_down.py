@@ -23,10 +23,10 @@ def _status(url: str, body: bytes | None = None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def _wait_status(url: str, want: int, timeout: float = 30) -> None:
+def _wait_status(url: str, want: int, timeout: float = 30, body: bytes | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _status(url)[0] == want:
+        if _status(url, body)[0] == want:
             return
         time.sleep(0.05)  # poll interval
     raise TimeoutError(f"{url} never answered {want}")
@@ -98,3 +98,28 @@ def test_serve_reports_a_dead_child(tmp_path, default_model_dir) -> None:
     log = serve.log()
     assert "--mock-timing wants six comma-separated numbers" in log
     assert "exited with code" in log
+
+
+def test_ready_waits_for_ready_min_workers(tmp_path, default_model_dir) -> None:
+    """`serve` passes every worker it starts: a stack is ready as asked for, not half of it."""
+    ports = [free_port(), free_port()]
+    hport, gport = free_port(), free_port()
+    workers = [_worker(tmp_path, ports[0], str(default_model_dir))]
+    argv = ["router", "--port", str(hport), "--grpc-port", str(gport), "--model", str(default_model_dir)]
+    for p in ports:
+        argv += ["--worker", f"127.0.0.1:{p}"]
+    router = Proc(pdrouter(*argv, "--ready-min-workers", "2"), tmp_path / "router.log")
+    base = f"http://127.0.0.1:{hport}"
+    body = json.dumps(
+        {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    ).encode()
+    try:
+        wait_http_ok(base + "/health", router, 60)
+        _wait_status(base + "/v1/chat/completions", 200, body=body)  # NOTE: one worker routes already
+        assert _status(base + "/ready")[0] == 503
+        workers.append(_worker(tmp_path, ports[1], str(default_model_dir)))
+        _wait_status(base + "/ready", 200)
+    finally:
+        for w in workers:
+            w.stop()
+        router.stop()

@@ -30,7 +30,7 @@ class Handle(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What the decode side needs to pull a request's prompt KV (the token is a bearer secret)."""
 
     handle_id: str
-    token: str  # 128-bit random, hex
+    token: bytes  # 128-bit random, raw (a bearer secret: never logged)
     block_ids: list[int]
     num_tokens: int
     expires_at: float  # registry clock (unix seconds by default)
@@ -61,7 +61,7 @@ class HandleRegistry:
         self._num_pinned_blocks = 0
         self.num_expired = 0  # handles unpinned by their TTL rather than a release (a counter)
         # NOTE: recently ended handles, so a late claim says why ("expired") instead of "unknown"
-        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -82,7 +82,7 @@ class HandleRegistry:
         """Pin `block_ids` under the handle id `request_id` until release or `ttl_s` from now."""
         handle = Handle(
             handle_id=request_id,
-            token=secrets.token_hex(16),
+            token=secrets.token_bytes(16),
             block_ids=list(block_ids),
             num_tokens=num_tokens,
             expires_at=self._clock() + ttl_s,
@@ -96,7 +96,7 @@ class HandleRegistry:
             self._num_pinned_blocks += len(handle.block_ids)
         return handle
 
-    def claim(self, handle_id: str, token: str) -> Handle:
+    def claim(self, handle_id: str, token: bytes) -> Handle:
         """Spend the one-time token; raise `TransferRefused` saying why when it is not good."""
         expired = None
         with self._lock:
@@ -125,7 +125,7 @@ class HandleRegistry:
         entry = self._live.get(handle.handle_id)
         return entry is not None and entry.claimed and entry.handle.token == handle.token
 
-    def release(self, handle_id: str, token: str | None = None) -> bool:
+    def release(self, handle_id: str, token: bytes | None = None) -> bool:
         """Unpin now; True if this call unpinned it. Idempotent; a wrong `token` releases nothing."""
         with self._lock:
             entry = self._live.get(handle_id)
@@ -166,7 +166,7 @@ class HandleRegistry:
             self._ended.popitem(last=False)
         return entry.handle
 
-    def _why_ended(self, handle_id: str, token: str) -> str:
+    def _why_ended(self, handle_id: str, token: bytes) -> str:
         ended = self._ended.get(handle_id)
         if ended is None:
             return f"unknown handle {handle_id!r}"

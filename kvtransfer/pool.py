@@ -17,7 +17,9 @@ import contextlib
 import mmap
 import os
 import secrets
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import resource_tracker
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +31,26 @@ except ImportError:  # pragma: no cover - not a POSIX host
     _posixshmem = None
 
 _TRACKER_TYPE = "shared_memory"
+
+# A receive target and what to do once it is full (None: the bytes are already in place).
+Target = tuple[memoryview, Callable[[], None] | None]
+
+
+class Pool(Protocol):
+    """What a transport needs of a pool, in host memory (KvPool) or on a device (DevicePool)."""
+
+    layout: KvLayout
+    num_blocks: int
+    block_bytes: int
+    device: str
+
+    def read_chunks(self, ids: Sequence[int]) -> Iterator[list[memoryview]]:
+        """Host views of blocks `ids`, in order; a chunk's views stay valid until the next one."""
+        ...
+
+    def write_chunks(self, ids: Sequence[int]) -> Iterator[Target]:
+        """Host buffers to fill with blocks `ids`, in order; call the commit before the next."""
+        ...
 
 
 def _unique_name() -> str:
@@ -62,6 +84,7 @@ class KvPool:
         self, layout: KvLayout, num_blocks: int, mapping: mmap.mmap, name: str | None, owner: bool
     ) -> None:
         self.layout = layout
+        self.device = "cpu"
         self.num_blocks = num_blocks
         self.block_bytes = layout.block_bytes
         self.nbytes = num_blocks * self.block_bytes
@@ -94,6 +117,20 @@ class KvPool:
         return self.buffer[start : start + self.block_bytes]
 
     @property
+    def address(self) -> int:
+        """Where block 0 starts in this process (what NIXL registers)."""
+        return self.array.ctypes.data
+
+    def read_chunks(self, ids: Sequence[int]) -> Iterator[list[memoryview]]:
+        bb, buf = self.block_bytes, self.buffer
+        yield [buf[s * bb : (s + n) * bb] for s, _, n in runs(ids, ids)]
+
+    def write_chunks(self, ids: Sequence[int]) -> Iterator[Target]:
+        bb, buf = self.block_bytes, self.buffer
+        for s, _, n in runs(ids, ids):
+            yield buf[s * bb : (s + n) * bb], None
+
+    @property
     def closed(self) -> bool:
         return self._mmap is None
 
@@ -121,3 +158,24 @@ class KvPool:
     def __repr__(self) -> str:
         where = f"shm {self.name}" if self.name else "private"
         return f"KvPool({self.num_blocks} x {self.block_bytes} B, {where}, {self.layout.describe()})"
+
+
+def runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """`(src_start, dst_start, n)` for each stretch where both ids go up by one: one copy each.
+
+    `runs(ids, ids)` merges one side only (what a sender or a receiver alone needs).
+    """
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source ids but {len(dst_ids)} destination ids")
+    out: list[tuple[int, int, int]] = []
+    if not src_ids:
+        return out
+    s0, d0, n = src_ids[0], dst_ids[0], 0
+    for s, d in zip(src_ids, dst_ids):
+        if s == s0 + n and d == d0 + n:
+            n += 1
+        else:
+            out.append((s0, d0, n))
+            s0, d0, n = s, d, 1
+    out.append((s0, d0, n))
+    return out

@@ -1,10 +1,9 @@
 """Same-host KV pull: map the prefill worker's shared-memory pool and memcpy each run of blocks.
 
 Pull lifecycle: check layout -> map the source pool (cached per shm name, re-mapped when the
-name now names a new segment) -> claim the handle once through the injected `claim` (the
-prefill worker's control channel, e.g. its gRPC service calling `HandleRegistry.claim`) -> one
-copy per contiguous run; big pulls copy in a worker thread (numpy drops the GIL while copying)
-so the event loop keeps serving tokens.
+name now names a new segment) -> claim the handle once through the control channel (the
+prefill worker's transfer listener) -> one copy per contiguous run; big pulls copy in a worker
+thread (numpy drops the GIL while copying) so the event loop keeps serving tokens -> release.
 """
 
 from __future__ import annotations
@@ -12,17 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from kvtransfer.errors import TransferError
-from kvtransfer.pool import KvPool, _posixshmem
-from kvtransfer.transport import HandleRef, Transport, check_ids, runs
+from kvtransfer.host import host_id
+from kvtransfer.pool import KvPool, Pool, _posixshmem
+from kvtransfer.transport import Control, HandleRef, OneSidedTransport, check_ids, runs
 
-ClaimFn = Callable[[HandleRef], Awaitable[None]]
 
-
-class ShmTransport(Transport):
+class ShmTransport(OneSidedTransport):
     """Pulls from a same-host pool in shared memory (`HandleRef.shm_name`)."""
 
     backend = "shm"
@@ -30,42 +27,43 @@ class ShmTransport(Transport):
     def __init__(
         self,
         dst_pool: KvPool,
-        claim: ClaimFn,
+        control: Control,
         compat_hash: str | None = None,
         thread_min_bytes: int = 32 << 20,
     ) -> None:
-        super().__init__(dst_pool, compat_hash)
-        self._claim = claim
+        super().__init__(dst_pool, control, compat_hash)
         # NOTE: a pull this big copies in a worker thread, so the event loop stalls for at most
         # ~3 ms (32 MiB at ~10 GB/s); smaller pulls copy inline, as the thread hop costs ~0.2 ms
         # and the copy ran ~20% slower off the loop's thread in bench.kvtransfer.
         self.thread_min_bytes = thread_min_bytes
         self._sources: dict[str, tuple[KvPool, int]] = {}  # shm name -> (mapping, inode)
-        self._claimed: OrderedDict[str, None] = OrderedDict()  # tokens of recently claimed handles
+
+    @classmethod
+    def unavailable(cls, pool: Pool) -> str | None:
+        return None if isinstance(pool, KvPool) else f"shm needs a pool in host memory, not on {pool.device}"
+
+    def offer(self) -> dict[str, object]:
+        name = getattr(self.dst_pool, "name", None)
+        return {"shm_name": name} if name else {}
+
+    def reach(self, handle: HandleRef) -> str | None:
+        if not handle.shm_name:
+            return "the prefill pool is not in shared memory"
+        if handle.host_id != host_id():
+            return f"the prefill worker is on another host ({handle.host_id})"
+        return None
 
     async def _pull(
         self, handle: HandleRef, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
     ) -> None:
         check_ids(src_block_ids, handle.num_blocks, "source")
         src_pool = self._source(handle)
-        if handle.token not in self._claimed:
-            await self._claim_once(handle)
+        await self.claim_once(handle)
         plan = runs(src_block_ids, dst_block_ids)
         if len(src_block_ids) * self.dst_pool.block_bytes < self.thread_min_bytes:
             _copy_runs(src_pool, self.dst_pool, plan, None)
         else:
             await _run_to_end(lambda abort: _copy_runs(src_pool, self.dst_pool, plan, abort))
-
-    async def _claim_once(self, handle: HandleRef) -> None:
-        try:
-            await self._claim(handle)
-        except TransferError:
-            raise
-        except Exception as exc:
-            raise TransferError(f"claiming handle {handle.handle_id!r} failed: {exc}") from exc
-        self._claimed[handle.token] = None  # NOTE: by token: a republished request id is a new handle
-        if len(self._claimed) > 4096:
-            self._claimed.popitem(last=False)
 
     def _source(self, handle: HandleRef) -> KvPool:
         name = handle.shm_name

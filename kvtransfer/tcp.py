@@ -34,10 +34,10 @@ import numpy as np
 
 from kvtransfer.errors import LayoutMismatch, TransferError, TransferRefused
 from kvtransfer.handles import Handle, HandleRegistry
-from kvtransfer.pool import KvPool
+from kvtransfer.pool import KvPool, Pool
 from kvtransfer.tls import STREAM_LIMIT, TLS_IO, TlsStream, nodelay
 from kvtransfer.tls import connect as tls_connect
-from kvtransfer.transport import HandleRef, Transport, check_ids, runs
+from kvtransfer.transport import HandleRef, Transport, check_ids
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,12 @@ SEND_CHUNK = 1 << 20
 RECV_CHUNK = 256 << 10
 
 
-def encode_request(handle_id: str, token: str, src_block_ids: Sequence[int], op: int = OP_READ) -> bytes:
+def encode_request(handle_id: str, token: bytes, src_block_ids: Sequence[int], op: int = OP_READ) -> bytes:
     hid = handle_id.encode()
-    try:
-        raw_token = bytes.fromhex(token)
-    except ValueError:
-        raw_token = b""
-    if len(raw_token) != 16:
+    if len(token) != 16:
         raise TransferRefused(f"malformed token for handle {handle_id!r}")
     ids = np.asarray(src_block_ids, dtype="<u4").tobytes()
-    return REQUEST.pack(MAGIC, VERSION, op, len(hid), len(src_block_ids), raw_token) + hid + ids
+    return REQUEST.pack(MAGIC, VERSION, op, len(hid), len(src_block_ids), token) + hid + ids
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -96,7 +92,7 @@ class TcpTransferServer:
 
     def __init__(
         self,
-        pool: KvPool,
+        pool: Pool,
         registry: HandleRegistry,
         host: str,
         port: int = 0,
@@ -218,27 +214,27 @@ class TcpTransferServer:
         ids = np.frombuffer(tail, dtype="<u4", offset=id_len).tolist()
         bb = self.pool.block_bytes
         if op == OP_RELEASE:
-            released = self.registry.release(handle_id, raw_token.hex())
+            released = self.registry.release(handle_id, raw_token)
             await loop.sock_sendall(sock, RESPONSE.pack(OK, int(released)))
             return True
         try:
-            handle = self._authorize(bound, handle_id, raw_token.hex(), ids, fresh=op == OP_CLAIM)
+            handle = self._authorize(bound, handle_id, raw_token, ids, fresh=op == OP_CLAIM)
         except TransferRefused as exc:
             await self._refuse(loop, sock, REFUSED, exc.reason)
             return True
         if op == OP_CLAIM:
             await loop.sock_sendall(sock, RESPONSE.pack(OK, bb))
             return True
-        buf = self.pool.buffer
-        parts = [RESPONSE.pack(OK, bb)]
-        for s, _, n in runs(ids, ids):
-            a, b = s * bb, (s + n) * bb
-            parts += (buf[i : min(b, i + SEND_CHUNK)] for i in range(a, b, SEND_CHUNK))
-        await _send_parts(loop, sock, parts)
+        parts: list = [RESPONSE.pack(OK, bb)]
+        for views in self.pool.read_chunks(ids):  # NOTE: a device pool stages each chunk in host memory
+            for v in views:
+                parts += (v[i : i + SEND_CHUNK] for i in range(0, len(v), SEND_CHUNK))
+            await _send_parts(loop, sock, parts)
+            parts = []
         await loop.sock_sendall(sock, b"\0" if self.registry.is_live(handle) else b"\1")
         return True
 
-    def _authorize(self, bound: list, handle_id: str, token: str, ids: list[int], fresh: bool) -> Handle:
+    def _authorize(self, bound: list, handle_id: str, token: bytes, ids: list[int], fresh: bool) -> Handle:
         """The handle, claimed now (`fresh`, or not yet claimed on this connection) or before."""
         handle: Handle | None = bound[0]
         if fresh or not (
@@ -320,9 +316,18 @@ class TcpTransport(Transport):
 
     backend = "tcp"
 
+    @classmethod
+    def unavailable(cls, pool: Pool) -> str | None:
+        if isinstance(pool, KvPool):
+            return None
+        return f"tcp moves host memory; a pool on {pool.device} moves through 'staged'"
+
+    def reach(self, handle: HandleRef) -> str | None:
+        return None if handle.endpoint else "the handle names no transfer listener"
+
     def __init__(
         self,
-        dst_pool: KvPool,
+        dst_pool: Pool,
         compat_hash: str | None = None,
         timeout_s: float = 10.0,
         min_bytes_per_s: float = 100e6,
@@ -422,9 +427,10 @@ class TcpTransport(Transport):
                 f"block_bytes={value} at {handle.endpoint}",
             )
         conn.handle_id = handle.handle_id
-        buf = self.dst_pool.buffer
-        for _, d, n in runs(dst_block_ids, dst_block_ids):
-            await _recv_into(loop, sock, buf[d * bb : (d + n) * bb])
+        for view, commit in self.dst_pool.write_chunks(dst_block_ids):
+            await _recv_into(loop, sock, view)
+            if commit is not None:
+                commit()  # NOTE: a device pool copies the staged chunk to the device
         trailer = await _recv_bytes(loop, sock, 1)
         if trailer[0] != 0:
             raise TransferError(f"handle {handle.handle_id!r} ended during the pull; the data may be stale")

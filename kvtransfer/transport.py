@@ -1,9 +1,15 @@
 """The one interface every KV transfer backend implements (NIXL-shaped: a pull by handle).
 
-Pull lifecycle on the decode side: check layout/compat -> claim the handle (backend-specific)
--> copy each contiguous run of blocks straight into the local pool -> return. `pull` is a
-coroutine; cancelling it aborts the pull, and once it returns or raises nothing writes into the
-destination blocks any more, so the engine may reuse them.
+Pull lifecycle on the decode side: check layout/compat -> claim the handle (tcp: the first read
+does it; one-sided backends: a claim call on the control channel) -> copy each contiguous run of
+blocks straight into the local pool -> release the handle (its release must succeed, or the
+handle ended during the pull and the bytes may be stale). `pull` is a coroutine; cancelling it
+aborts the pull, and once it returns or raises nothing writes into the destination blocks any
+more, so the engine may reuse them.
+
+Backends are registered by name in `kvtransfer.registry`; each says which pools it can run on
+(`unavailable`), what it adds to the handles its worker publishes (`offer`), and whether it can
+reach a given handle from here (`reach`).
 """
 
 from __future__ import annotations
@@ -11,17 +17,26 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import msgspec
 
 from kvtransfer.errors import LayoutMismatch, TransferError, TransferRefused
 from kvtransfer.layout import KvLayout
-from kvtransfer.pool import KvPool
+from kvtransfer.pool import Pool, runs
+
+if TYPE_CHECKING:
+    from kvtransfer.registry import Setup
 
 __all__ = [
+    "Control",
+    "CudaIpcSource",
     "HandleRef",
     "LayoutMismatch",
+    "NixlSource",
+    "OneSidedTransport",
     "TransferError",
     "TransferRefused",
     "TransferStats",
@@ -32,17 +47,45 @@ __all__ = [
 ]
 
 
+class NixlSource(msgspec.Struct, frozen=True, kw_only=True):
+    """The prefill pool as NIXL sees it; loaded into the puller's agent once per agent name."""
+
+    agent: str  # the prefill worker's NIXL agent name (unique per process)
+    metadata: bytes  # its agent metadata (connection info and registered memory), opaque
+    base_addr: int  # address of block 0 of the registered pool
+    mem_type: str  # "DRAM" | "VRAM"
+    device_id: int = 0
+
+
+class CudaIpcSource(msgspec.Struct, frozen=True, kw_only=True):
+    """The prefill pool's CUDA allocation, as torch's `_share_cuda_()` describes it."""
+
+    device_uuid: str  # the GPU holding it (device indexes differ between processes)
+    device_index: int  # the exporter's index of that GPU
+    handle: bytes  # cudaIpcMemHandle of the allocation
+    storage_bytes: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
 class HandleRef(msgspec.Struct, frozen=True, kw_only=True):
-    """What the decode side gets from the router to pull blocks from a prefill worker."""
+    """What the decode side gets from the router to pull blocks from a prefill worker: one
+    handle, and every way the prefill worker offers to read its pool."""
 
     handle_id: str
-    token: str  # hex of the one-time 128-bit token
-    endpoint: str  # tcp: "host:port" of the transfer server
-    backend: str  # "shm" | "tcp"
+    token: bytes  # the one-time 128-bit token, raw
+    endpoint: str  # "host:port" of the prefill worker's transfer listener (tcp data, control)
     layout: KvLayout
     compat_hash: str = ""
-    shm_name: str = ""  # shm: the prefill pool's shared-memory name
     num_blocks: int = 0  # blocks in the prefill pool (bounds the source ids)
+    host_id: str = ""  # the prefill worker's host (kvtransfer.registry.host_id)
+    source_worker: str = ""  # for logs and spans
+    shm_name: str = ""  # shm: the prefill pool's shared-memory name
+    nixl: NixlSource | None = None
+    cuda_ipc: CudaIpcSource | None = None
 
 
 class TransferStats(msgspec.Struct, kw_only=True):
@@ -62,15 +105,42 @@ class TransferStats(msgspec.Struct, kw_only=True):
         self.seconds += time.perf_counter() - started
 
 
+class Control(Protocol):
+    """The prefill worker's handle bookkeeping, reached from the decode side (tcp's listener
+    in the workers; a registry in-process in tests)."""
+
+    async def claim(self, handle: HandleRef) -> None: ...
+
+    async def release(self, handle: HandleRef) -> bool: ...
+
+
 class Transport(ABC):
     """Pulls KV blocks from a remote pool into `dst_pool`; backends implement `_pull`."""
 
-    backend: str = ""
+    backend: ClassVar[str] = ""
 
-    def __init__(self, dst_pool: KvPool, compat_hash: str | None = None) -> None:
+    def __init__(self, dst_pool: Pool, compat_hash: str | None = None) -> None:
         self.dst_pool = dst_pool
         self.compat_hash = compat_hash  # this side's hash; None: compare layouts only
         self.stats = TransferStats()
+
+    @classmethod
+    def unavailable(cls, pool: Pool) -> str | None:
+        """Why this backend cannot run with `pool` in this process (None: it can)."""
+        return None
+
+    @classmethod
+    def create(cls, setup: Setup, control: Control) -> Transport:
+        """Build it in a worker (kvtransfer.registry.build)."""
+        return cls(setup.pool, setup.compat_hash)  # type: ignore[call-arg]
+
+    def offer(self) -> dict[str, object]:
+        """HandleRef fields this backend adds to every handle its worker publishes."""
+        return {}
+
+    def reach(self, handle: HandleRef) -> str | None:
+        """Why this backend cannot pull `handle` from here (None: it can)."""
+        return None
 
     async def pull(
         self, handle: HandleRef, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
@@ -104,29 +174,50 @@ class Transport(ABC):
     ) -> None:
         """Backend part of `pull`: ids are checked against the local pool and equally long."""
 
+    @abstractmethod
+    async def claim(self, handle: HandleRef) -> None:
+        """Spend the handle's one-time token; TransferRefused saying why when it is not good."""
+
+    @abstractmethod
+    async def release(self, handle: HandleRef) -> bool:
+        """Unpin the handle at its prefill worker; True if this call released it."""
+
     async def close(self) -> None:  # noqa: B027 - a backend with nothing to close needs no override
         """Drop connections/mappings; pulls in flight fail."""
 
 
-def runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """`(src_start, dst_start, n)` for each stretch where both ids go up by one: one copy each.
+class OneSidedTransport(Transport):
+    """A backend that reads the prefill pool without the prefill process (shm, nixl, cuda_ipc):
+    claim and release go through `control`, and a handle is claimed once before its first read
+    (the tokens of the last 4096 handles claimed are remembered, so a handle can be pulled in
+    several calls)."""
 
-    `runs(ids, ids)` merges one side only (what a sender or a receiver alone needs).
-    """
-    if len(src_ids) != len(dst_ids):
-        raise ValueError(f"{len(src_ids)} source ids but {len(dst_ids)} destination ids")
-    out: list[tuple[int, int, int]] = []
-    if not src_ids:
-        return out
-    s0, d0, n = src_ids[0], dst_ids[0], 0
-    for s, d in zip(src_ids, dst_ids):
-        if s == s0 + n and d == d0 + n:
-            n += 1
-        else:
-            out.append((s0, d0, n))
-            s0, d0, n = s, d, 1
-    out.append((s0, d0, n))
-    return out
+    def __init__(self, dst_pool: Pool, control: Control, compat_hash: str | None = None) -> None:
+        super().__init__(dst_pool, compat_hash)
+        self.control = control
+        self._claimed: OrderedDict[bytes, None] = OrderedDict()
+
+    @classmethod
+    def create(cls, setup: Setup, control: Control) -> Transport:
+        return cls(setup.pool, control, setup.compat_hash)  # type: ignore[call-arg]
+
+    async def claim(self, handle: HandleRef) -> None:
+        try:
+            await self.control.claim(handle)
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"claiming handle {handle.handle_id!r} failed: {exc}") from exc
+        self._claimed[handle.token] = None  # NOTE: by token: a republished request id is a new handle
+        if len(self._claimed) > 4096:
+            self._claimed.popitem(last=False)
+
+    async def claim_once(self, handle: HandleRef) -> None:
+        if handle.token not in self._claimed:
+            await self.claim(handle)
+
+    async def release(self, handle: HandleRef) -> bool:
+        return await self.control.release(handle)
 
 
 def check_ids(ids: Sequence[int], num_blocks: int, side: str) -> None:
@@ -135,7 +226,7 @@ def check_ids(ids: Sequence[int], num_blocks: int, side: str) -> None:
         raise TransferError(f"{side} block ids out of range [0, {num_blocks}): {min(ids)}..{max(ids)}")
 
 
-def check_compat(handle: HandleRef, dst_pool: KvPool, compat_hash: str | None) -> None:
+def check_compat(handle: HandleRef, dst_pool: Pool, compat_hash: str | None) -> None:
     """LayoutMismatch naming both sides unless the remote pool holds the same KV shape."""
     if handle.layout != dst_pool.layout:
         raise LayoutMismatch(dst_pool.layout.describe(), handle.layout.describe())

@@ -105,11 +105,46 @@ class InfoResponse(_message.Message):
     transfer_endpoint: str
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., version: _Optional[str] = ..., instance_id: _Optional[int] = ..., transfer_endpoint: _Optional[str] = ...) -> None: ...
 
+class NixlSource(_message.Message):
+    __slots__ = ("agent", "metadata", "base_addr", "mem_type", "device_id")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    BASE_ADDR_FIELD_NUMBER: _ClassVar[int]
+    MEM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    metadata: bytes
+    base_addr: int
+    mem_type: str
+    device_id: int
+    def __init__(self, agent: _Optional[str] = ..., metadata: _Optional[bytes] = ..., base_addr: _Optional[int] = ..., mem_type: _Optional[str] = ..., device_id: _Optional[int] = ...) -> None: ...
+
+class CudaIpcSource(_message.Message):
+    __slots__ = ("device_uuid", "device_index", "handle", "storage_bytes", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    device_index: int
+    handle: bytes
+    storage_bytes: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device_uuid: _Optional[str] = ..., device_index: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
 class KvHandle(_message.Message):
-    __slots__ = ("worker_id", "endpoint", "backend", "block_ids", "block_hashes", "layout", "token", "expires_at", "compat_hash", "num_tokens", "shm_name", "host_id", "pool_num_blocks")
+    __slots__ = ("worker_id", "endpoint", "block_ids", "block_hashes", "layout", "token", "expires_at", "compat_hash", "num_tokens", "shm_name", "host_id", "pool_num_blocks", "nixl", "cuda_ipc")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
-    BACKEND_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -120,9 +155,10 @@ class KvHandle(_message.Message):
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NIXL_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     endpoint: str
-    backend: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     layout: KvLayout
@@ -133,7 +169,9 @@ class KvHandle(_message.Message):
     shm_name: str
     host_id: str
     pool_num_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., backend: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., token: _Optional[bytes] = ..., expires_at: _Optional[float] = ..., compat_hash: _Optional[str] = ..., num_tokens: _Optional[int] = ..., shm_name: _Optional[str] = ..., host_id: _Optional[str] = ..., pool_num_blocks: _Optional[int] = ...) -> None: ...
+    nixl: NixlSource
+    cuda_ipc: CudaIpcSource
+    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., token: _Optional[bytes] = ..., expires_at: _Optional[float] = ..., compat_hash: _Optional[str] = ..., num_tokens: _Optional[int] = ..., shm_name: _Optional[str] = ..., host_id: _Optional[str] = ..., pool_num_blocks: _Optional[int] = ..., nixl: _Optional[_Union[NixlSource, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcSource, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params")

@@ -32,7 +32,7 @@ class Worker:
 
     async def __aenter__(self) -> Worker:
         self.engine.start()
-        self.agent = KvAgent(
+        self.agent = KvAgent.create(
             self.engine, self.service.worker_id, "t", "127.0.0.1", 0, self.backend, self.ttl_s
         )
         await self.agent.start()

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvtransfer.registry import CHOICES
 from pdrouter_proto import worker_pb2, worker_pb2_grpc
 from workers.config import parse_args
 from workers.engine.engine import Engine
@@ -75,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mock-num-blocks", type=int, default=4096)
     p.add_argument(
         "--kv-transfer",
-        choices=["auto", "shm", "tcp"],
+        choices=list(CHOICES),
         default="auto",
-        help="how this worker pulls KV from prefill workers (auto: shm on the same host, else tcp)",
+        help="how this worker pulls KV from prefill workers (auto, per handle: cuda_ipc on one node, "
+        "shm on one host, nixl when installed, staged for GPU pools, else tcp; docs/kvtransfer.md)",
     )
     p.add_argument("--kv-transfer-host", default="", help="KV transfer listener address (default: --host)")
     p.add_argument("--kv-transfer-port", type=int, default=0, help="KV transfer listener port (0: any free)")
@@ -260,7 +262,7 @@ class WorkerInstance:
         await warm_up(self.engine)
         if self.engine.runner.transfer_pool is not None:
             a = self.args
-            self.kv = KvAgent(
+            self.kv = KvAgent.create(
                 self.engine, self.worker_id, VERSION, a.kv_transfer_host or a.host, a.kv_transfer_port,
                 backend=a.kv_transfer, ttl_s=a.kv_handle_ttl_s,
                 tls=kv_contexts(a.tls_cert, a.tls_key, a.tls_client_ca) if self.tls else None,

@@ -2,10 +2,10 @@
 
 Prefill lifecycle: compute the prompt with its blocks pinned -> first token -> publish the
 blocks as a KV handle (unless the first token already ends the request) -> PrefillResult.
-Decode lifecycle: validate -> pull the handle's blocks the local prefix cache lacks (or recompute
-on any transfer failure) -> release the handle -> generate with continuous batching -> stream
-token chunks, coalescing whatever is ready -> Complete. A client that goes away closes the
-generator, which aborts the request and frees its blocks.
+Decode lifecycle: validate -> pull the handle's blocks the local prefix cache lacks and release
+the handle as soon as the copy is over (or recompute on any transfer failure) -> generate with
+continuous batching -> stream token chunks, coalescing whatever is ready -> Complete. A client
+that goes away closes the generator, which aborts the request and frees its blocks.
 """
 
 from __future__ import annotations
@@ -245,9 +245,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.num_active += 1
         try:
             async for out in gen:
-                if handle is not None:  # the import is over (pulled, or recomputed): release it
-                    self.kv.finish_import(rid, handle)  # type: ignore[union-attr]
-                    handle = None
                 if out.token_ids:
                     num_out += len(out.token_ids)
                     chunk = pb.TokenChunk()
@@ -274,8 +271,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             self.num_active -= 1
             await gen.aclose()
             span.end()
-            if handle is not None:
-                self.kv.finish_import(rid, handle)  # type: ignore[union-attr]
+            if kv_import is not None and not kv_import.released:  # ended before its pull ran
+                self.kv.release_later((rid, handle))  # type: ignore[union-attr,arg-type]
 
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext

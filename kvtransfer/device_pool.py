@@ -25,7 +25,7 @@ _KEEP_BUFFERS = 4
 class DevicePool:
     """The bytes of a pool tensor on a device; block i is `blocks[i]`."""
 
-    def __init__(self, layout: KvLayout, tensor: torch.Tensor) -> None:
+    def __init__(self, layout: KvLayout, tensor: torch.Tensor, stage_bytes: int = STAGE_BYTES) -> None:
         if not tensor.is_contiguous():
             raise ValueError("a transferable KV pool must be one contiguous tensor")
         self.layout = layout
@@ -37,6 +37,7 @@ class DevicePool:
         self.device = str(tensor.device)
         self.cuda = tensor.device.type == "cuda"
         self.stream = torch.cuda.Stream(tensor.device) if self.cuda else None
+        self.stage_blocks = max(1, stage_bytes // self.block_bytes)  # blocks per staged chunk
         self._free: list[torch.Tensor] = []
 
     def read_chunks(self, ids: Sequence[int]) -> Iterator[list[memoryview]]:
@@ -60,7 +61,7 @@ class DevicePool:
                 yield memoryview(stage.numpy()).cast("B"), commit
 
     def _chunks(self, ids: Sequence[int]) -> Iterator[list[int]]:
-        per = max(1, STAGE_BYTES // self.block_bytes)
+        per = self.stage_blocks
         ids = list(ids)
         for i in range(0, len(ids), per):
             yield ids[i : i + per]
@@ -68,7 +69,7 @@ class DevicePool:
     @contextlib.contextmanager
     def _buffer(self, num_blocks: int) -> Iterator[torch.Tensor]:
         """A pinned host buffer of `num_blocks` blocks (plain host memory for a CPU tensor)."""
-        per = max(1, STAGE_BYTES // self.block_bytes)
+        per = self.stage_blocks
         buf = self._free.pop() if self._free else None
         if buf is None:
             buf = torch.empty((per, self.block_bytes), dtype=torch.uint8, pin_memory=self.cuda)

@@ -5,37 +5,40 @@ Lifecycle: each worker creates one NIXL agent (name: worker, pid, random), regis
 pool once (DRAM for a host pool, VRAM for a CUDA pool) and prepares the list of its blocks ->
 every handle it publishes carries {agent name, agent metadata, pool address, memory type}
 (`NixlSource`, plain proto fields on the KvHandle, never pickled) -> a puller loads a peer's
-metadata once per agent name and prepares the peer's block list once -> per pull: claim the
-handle on the control channel -> one READ request for all (remote, local) block pairs -> wait
-for DONE without holding the event loop -> release the handle.
+metadata once per agent name, prepares the peer's block list and connects once -> per pull:
+claim the handle on the control channel -> one READ request for all (remote, local) block
+pairs, posted and waited for on the agent's own thread (never the event loop's) -> release.
 
 Install: `pip install --no-deps nixl-cu12` (the `nixl` meta-package pulls CUDA torch).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
+from typing import TypeVar
 
 import numpy as np
 
 from kvtransfer.errors import TransferError
 from kvtransfer.pool import Pool
-from kvtransfer.transport import Control, HandleRef, NixlSource, OneSidedTransport, check_ids
+from kvtransfer.transport import Control, HandleRef, NixlSource, OneSidedTransport, check_ids, run_to_end
 
 log = logging.getLogger(__name__)
 
 MODULES = ("nixl_cu12", "nixl_cu13", "nixl")
 MAX_PEERS = 64  # remote agents kept loaded (least recently used dropped)
 _INIT = "NIXL_INIT_AGENT"
+T = TypeVar("T")
 
 
 def nixl_module() -> ModuleType | None:
@@ -120,6 +123,7 @@ class NixlTransport(OneSidedTransport):
         self._local = self.agent.prep_xfer_dlist(_INIT, descs, self.mem_type)
         self.metadata: bytes = self.agent.get_agent_metadata()
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="nixl")
 
     def offer(self) -> dict[str, object]:
         source = NixlSource(
@@ -138,51 +142,56 @@ class NixlTransport(OneSidedTransport):
         source = handle.nixl
         if source is None:
             raise TransferError(f"handle {handle.handle_id!r} offers no NIXL source")
-        peer = self._peer(source, handle.num_blocks)
+        peer = await self._call(lambda _: self._peer(source, handle.num_blocks))
         await self.claim_once(handle)
         nbytes = len(src_block_ids) * self.dst_pool.block_bytes
+        deadline = time.monotonic() + self.timeout_s + nbytes / self.min_bytes_per_s
+        src = np.asarray(src_block_ids, dtype=np.int32)
+        dst = np.asarray(dst_block_ids, dtype=np.int32)
+        state = await self._call(lambda abort: self._read(peer, src, dst, deadline, abort))
+        if state != "DONE":
+            await self._call(lambda _: self._forget(source.agent))
+            raise TransferError(f"NIXL read from {source.agent} failed: {state}")
+
+    async def _call(self, fn: Callable[[threading.Event], T]) -> T:
+        """Run `fn` on the agent's own thread: NIXL posts a same-host read synchronously (150 ms
+        for 189 MB here) with the GIL released, and one thread means no locking in the agent."""
+        return await run_to_end(fn, self._thread)
+
+    def _read(self, peer: _Peer, src: np.ndarray, dst: np.ndarray, deadline: float, abort) -> str:
+        """One READ of all block pairs, waited for (agent thread). On abort or past the deadline
+        it still waits (bounded) until NIXL lets go of the destination blocks."""
         try:
-            xfer = self.agent.make_prepped_xfer(
-                "READ", self._local, np.asarray(dst_block_ids, dtype=np.int32),
-                peer.blocks, np.asarray(src_block_ids, dtype=np.int32),
-            )  # fmt: skip
+            xfer = self.agent.make_prepped_xfer("READ", self._local, dst, peer.blocks, src)
         except Exception as exc:
-            self._forget(source.agent)
-            raise TransferError(f"NIXL could not set up the read from {source.agent}: {exc}") from exc
+            return f"could not set up the read ({exc})"
         try:
-            await self._run(xfer, self.timeout_s + nbytes / self.min_bytes_per_s, source.agent)
+            state = self.agent.transfer(xfer)
+            delay = 0.0
+            while state == "PROC":
+                if time.monotonic() > deadline or abort.is_set():
+                    state = self._settle(xfer)
+                    return "timed out" if state != "ABORTED" else "aborted"
+                time.sleep(delay)
+                delay = min(0.001, delay * 2 or 0.00002)
+                state = self.agent.check_xfer_state(xfer)
+            return state if state == "DONE" else f"{state} (the prefill worker may be gone)"
+        except Exception as exc:  # NOTE: a peer that died raises from transfer(): a failed pull
+            return f"{type(exc).__name__}: {exc} (the prefill worker may be gone)"
         finally:
             with contextlib.suppress(Exception):
                 xfer.release()
 
-    async def _run(self, xfer, timeout_s: float, peer: str) -> None:
-        """Post the read and wait for it; on cancel or timeout wait until NIXL is done with it,
-        so nothing writes into the destination blocks after the pull has ended."""
-        state = self.agent.transfer(xfer)
-        deadline = time.monotonic() + timeout_s
-        delay = 0.0
-        try:
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise TransferError(f"NIXL read from {peer} timed out after {timeout_s:.1f} s")
-                await asyncio.sleep(delay)
-                delay = min(0.002, delay * 2 or 0.0001)
-                state = self.agent.check_xfer_state(xfer)
-        except BaseException:
-            self._settle(xfer)
-            raise
-        if state != "DONE":
-            self._forget(peer)
-            raise TransferError(f"NIXL read from {peer} failed ({state}); the prefill worker may be gone")
-
-    def _settle(self, xfer) -> None:
-        """Block until an abandoned read stops (bounded): it may still be writing our blocks."""
+    def _settle(self, xfer) -> str:
+        """Wait (at most 5 s) for an abandoned read to stop writing our blocks."""
         end = time.monotonic() + 5.0
         with contextlib.suppress(Exception):
             while self.agent.check_xfer_state(xfer) == "PROC" and time.monotonic() < end:
                 time.sleep(0.0005)
+        return "ABORTED"
 
     def _peer(self, source: NixlSource, num_blocks: int) -> _Peer:
+        """The peer's loaded metadata and block list, connected (agent thread)."""
         peer = self._peers.get(source.agent)
         if peer is not None:
             self._peers.move_to_end(source.agent)
@@ -192,6 +201,7 @@ class NixlTransport(OneSidedTransport):
             name = name.decode() if isinstance(name, bytes) else name
             descs = _block_descs(source.base_addr, num_blocks, self.dst_pool.block_bytes, source.device_id)
             blocks = self.agent.prep_xfer_dlist(name, descs, source.mem_type)
+            self.agent.make_connection(name)  # NOTE: else the first read pays the connection set-up
         except Exception as exc:
             raise TransferError(f"NIXL could not load agent {source.agent}: {exc}") from exc
         peer = self._peers[source.agent] = _Peer(name, blocks)
@@ -200,7 +210,7 @@ class NixlTransport(OneSidedTransport):
         return peer
 
     def _forget(self, agent: str) -> None:
-        """Drop a peer (gone, or evicted); a later handle from it loads it again."""
+        """Drop a peer (gone, or evicted); a later handle from it loads it again (agent thread)."""
         peer = self._peers.pop(agent, None)
         if peer is None:
             return
@@ -210,12 +220,16 @@ class NixlTransport(OneSidedTransport):
             self.agent.remove_remote_agent(peer.name)
 
     async def close(self) -> None:
-        for agent in list(self._peers):
-            self._forget(agent)
-        with contextlib.suppress(Exception):
-            self._local.release()
-        with contextlib.suppress(Exception):
-            self.agent.deregister_memory(self._registered)
+        def drop(_) -> None:
+            for agent in list(self._peers):
+                self._forget(agent)
+            with contextlib.suppress(Exception):
+                self._local.release()
+            with contextlib.suppress(Exception):
+                self.agent.deregister_memory(self._registered)
+
+        await self._call(drop)
+        self._thread.shutdown(wait=True)
 
 
 def _quiet(nixl: ModuleType) -> None:

@@ -107,11 +107,11 @@ def build(setup: Setup, names: Iterable[str] = AUTO_ORDER) -> Transports:
     """
     from kvtransfer.tcp import TcpTransport
 
+    classes = {name: load(name) for name in names}  # NOTE: an unknown name fails before anything opens
     control = TcpTransport(setup.pool, setup.compat_hash, tls=setup.tls)
     built: dict[str, Transport] = {}
     missing: dict[str, str] = {}
-    for name in names:
-        cls = load(name)
+    for name, cls in classes.items():
         why = cls.unavailable(setup.pool)
         if why is not None:
             missing[name] = why

@@ -8,15 +8,15 @@ thread (numpy drops the GIL while copying) so the event loop keeps serving token
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from kvtransfer.errors import TransferError
 from kvtransfer.host import host_id
 from kvtransfer.pool import KvPool, Pool, _posixshmem
 from kvtransfer.transport import Control, HandleRef, OneSidedTransport, check_ids, runs
+from kvtransfer.transport import run_to_end as _run_to_end
 
 
 class ShmTransport(OneSidedTransport):
@@ -116,22 +116,3 @@ def _copy_runs(
         if abort is not None and abort.is_set():
             return
         dst_arr[d : d + n] = src_arr[s : s + n]
-
-
-async def _run_to_end(fn: Callable[[threading.Event], None]) -> None:
-    """Run `fn` in a thread; on cancellation ask it to stop and wait until it has, so nothing
-    writes into the destination blocks after the pull has ended."""
-    abort = threading.Event()
-    fut = asyncio.get_running_loop().run_in_executor(None, fn, abort)
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        abort.set()
-        while not fut.done():
-            try:
-                await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                continue
-            except Exception:
-                break
-        raise

@@ -60,7 +60,7 @@ RECV_CHUNK = 256 << 10
 
 def encode_request(handle_id: str, token: bytes, src_block_ids: Sequence[int], op: int = OP_READ) -> bytes:
     hid = handle_id.encode()
-    if len(token) != 16:
+    if not isinstance(token, bytes) or len(token) != 16:
         raise TransferRefused(f"malformed token for handle {handle_id!r}")
     ids = np.asarray(src_block_ids, dtype="<u4").tobytes()
     return REQUEST.pack(MAGIC, VERSION, op, len(hid), len(src_block_ids), token) + hid + ids
@@ -369,7 +369,7 @@ class TcpTransport(Transport):
 
     async def claim(self, handle: HandleRef) -> None:
         """Spend the handle's token at its transfer server without reading (what a same-host
-        shm pull needs first: `ShmTransport(pool, claim=tcp.claim)`); TransferRefused saying why."""
+        shm pull needs first: `ShmTransport(pool, tcp)`); TransferRefused saying why."""
         await self._control(handle, OP_CLAIM)
 
     async def release(self, handle: HandleRef) -> bool:

@@ -15,11 +15,13 @@ reach a given handle from here (`reach`).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 import msgspec
 
@@ -43,8 +45,11 @@ __all__ = [
     "Transport",
     "check_compat",
     "check_ids",
+    "run_to_end",
     "runs",
 ]
+
+T = TypeVar("T")
 
 
 class NixlSource(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,7 +86,7 @@ class HandleRef(msgspec.Struct, frozen=True, kw_only=True):
     layout: KvLayout
     compat_hash: str = ""
     num_blocks: int = 0  # blocks in the prefill pool (bounds the source ids)
-    host_id: str = ""  # the prefill worker's host (kvtransfer.registry.host_id)
+    host_id: str = ""  # the prefill worker's host (kvtransfer.host.host_id)
     source_worker: str = ""  # for logs and spans
     shm_name: str = ""  # shm: the prefill pool's shared-memory name
     nixl: NixlSource | None = None
@@ -217,6 +222,7 @@ class OneSidedTransport(Transport):
             await self.claim(handle)
 
     async def release(self, handle: HandleRef) -> bool:
+        self._claimed.pop(handle.token, None)  # NOTE: a later read must claim (and be refused)
         return await self.control.release(handle)
 
 
@@ -235,3 +241,22 @@ def check_compat(handle: HandleRef, dst_pool: Pool, compat_hash: str | None) -> 
             f"{dst_pool.layout.describe()} compat={compat_hash}",
             f"{handle.layout.describe()} compat={handle.compat_hash}",
         )
+
+
+async def run_to_end(fn: Callable[[threading.Event], T], executor: Executor | None = None) -> T:
+    """Run `fn(abort)` in a thread; on cancellation set `abort` and wait until `fn` has returned,
+    so nothing writes into the destination blocks after the pull has ended."""
+    abort = threading.Event()
+    fut = asyncio.get_running_loop().run_in_executor(executor, fn, abort)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        abort.set()
+        while not fut.done():
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                continue
+            except Exception:
+                break
+        raise

@@ -310,7 +310,21 @@ class LoadReport(_message.Message):
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_transfer: _Optional[_Union[KvTransferStats, _Mapping]] = ...) -> None: ...
 
 class KvTransferStats(_message.Message):
-    __slots__ = ("pulls", "pull_failures", "blocks_pulled", "bytes_pulled", "handles_published", "handles_pinned", "blocks_pinned", "handles_expired")
+    __slots__ = ("pulls", "pull_failures", "blocks_pulled", "bytes_pulled", "handles_published", "handles_pinned", "blocks_pinned", "handles_expired", "pulls_by_backend", "failures_by_reason")
+    class PullsByBackendEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FailuresByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     PULLS_FIELD_NUMBER: _ClassVar[int]
     PULL_FAILURES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_PULLED_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +333,8 @@ class KvTransferStats(_message.Message):
     HANDLES_PINNED_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_PINNED_FIELD_NUMBER: _ClassVar[int]
     HANDLES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    PULLS_BY_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     pulls: int
     pull_failures: int
     blocks_pulled: int
@@ -327,7 +343,9 @@ class KvTransferStats(_message.Message):
     handles_pinned: int
     blocks_pinned: int
     handles_expired: int
-    def __init__(self, pulls: _Optional[int] = ..., pull_failures: _Optional[int] = ..., blocks_pulled: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., handles_published: _Optional[int] = ..., handles_pinned: _Optional[int] = ..., blocks_pinned: _Optional[int] = ..., handles_expired: _Optional[int] = ...) -> None: ...
+    pulls_by_backend: _containers.ScalarMap[str, int]
+    failures_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, pulls: _Optional[int] = ..., pull_failures: _Optional[int] = ..., blocks_pulled: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., handles_published: _Optional[int] = ..., handles_pinned: _Optional[int] = ..., blocks_pinned: _Optional[int] = ..., handles_expired: _Optional[int] = ..., pulls_by_backend: _Optional[_Mapping[str, int]] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class KvStored(_message.Message):
     __slots__ = ("block_hashes", "parent_hash")

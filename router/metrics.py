@@ -64,6 +64,18 @@ class RouterMetrics:
             )
         }
 
+        self.worker_kv_by = {
+            field: Gauge(f"pdrouter_worker_kv_{field}", help_text, ["worker", label], registry=r)
+            for field, label, help_text in (
+                (
+                    "pulls_by_backend",
+                    "backend",
+                    "KV pulls by the backend that moved the blocks",
+                ),
+                ("failures_by_reason", "reason", "Failed KV pulls by reason class (decode side)"),
+            )
+        }
+
     def observe_workers(self, workers) -> None:
         """Refreshed at scrape time from the pool's latest load reports."""
         for w in workers:
@@ -74,6 +86,9 @@ class RouterMetrics:
             self.worker_ejections.labels(w.worker_id).set(w.ejections)
             for field, gauge in self.worker_kv.items():
                 gauge.labels(w.worker_id).set(getattr(w.load.kv_transfer, field))
+            for field, gauge in self.worker_kv_by.items():
+                for key, value in getattr(w.load.kv_transfer, field).items():
+                    gauge.labels(w.worker_id, key).set(value)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,6 +1,7 @@
 """A prefill-side peer in its own process, for kvtransfer tests: owns a shared KvPool filled with
 seeded random bytes, serves it over TCP on 127.0.0.1, and answers JSON-line commands on stdin
-(publish, claim, pinned, quit) — the claim command stands in for the worker's gRPC claim.
+(publish, claim, release, pinned, quit) — claim and release stand in for a control channel.
+Tokens cross the JSON boundary as hex text; inside this process they are raw bytes.
 
     python -m tests.kvtransfer_peer --blocks N --seed S --layout dtype,layers,kv_heads,head_dim,block_size
 """
@@ -16,6 +17,7 @@ import numpy as np
 
 from kvtransfer.errors import TransferRefused
 from kvtransfer.handles import HandleRegistry
+from kvtransfer.host import host_id
 from kvtransfer.layout import KvLayout
 from kvtransfer.pool import KvPool
 from kvtransfer.tcp import TcpTransferServer
@@ -51,21 +53,24 @@ async def main() -> None:
     registry = HandleRegistry(on_unpin=lambda h: unpinned.append(h.handle_id))
     server = TcpTransferServer(pool, registry, "127.0.0.1", 0)
     await server.start()
-    answer({"shm_name": pool.name, "endpoint": server.endpoint, "num_blocks": args.blocks})
+    answer(
+        {"shm_name": pool.name, "endpoint": server.endpoint, "num_blocks": args.blocks, "host_id": host_id()}
+    )
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         cmd = json.loads(line)
         if cmd["op"] == "publish":
             h = registry.publish(cmd["handle_id"], cmd["ids"], 0, ttl_s=cmd.get("ttl", 30.0))
-            answer({"handle_id": h.handle_id, "token": h.token})
+            answer({"handle_id": h.handle_id, "token": h.token.hex()})
         elif cmd["op"] == "claim":
             try:
-                registry.claim(cmd["handle_id"], cmd["token"])
+                registry.claim(cmd["handle_id"], bytes.fromhex(cmd["token"]))
                 answer({"ok": True})
             except TransferRefused as exc:
                 answer({"ok": False, "reason": exc.reason})
         elif cmd["op"] == "release":
-            answer({"released": registry.release(cmd["handle_id"])})
+            token = cmd.get("token")
+            answer({"released": registry.release(cmd["handle_id"], bytes.fromhex(token) if token else None)})
         elif cmd["op"] == "pinned":
             answer({"pinned": registry.num_pinned, "unpinned": unpinned})
         elif cmd["op"] == "quit":

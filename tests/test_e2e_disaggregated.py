@@ -1,5 +1,6 @@
 """Disaggregated serving on the real default model: greedy output equals transformers token for
-token with the KV moved over shm and over tcp, also when the decode worker already holds part of
+token with the KV moved over shm, over tcp and over NIXL (each asserted to be the backend that
+moved the blocks), also when the decode worker already holds part of
 the prompt (and then it pulls fewer blocks)."""
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def references(default_model_dir):
     return out
 
 
-@pytest.fixture(scope="module", params=["shm", "tcp"])
+@pytest.fixture(scope="module", params=["shm", "tcp", "nixl"])
 def stack(request, tmp_path_factory, default_model_dir):
     s = Stack(
         tmp_path_factory.mktemp(f"disagg-{request.param}"),
@@ -50,6 +51,7 @@ def stack(request, tmp_path_factory, default_model_dir):
         "--router-arg=--local-prefill-max-tokens=16",
         engine="hf", timeout=240,
     )  # fmt: skip
+    s.backend = request.param
     yield s
     s.stop()
 
@@ -78,6 +80,7 @@ def test_greedy_equals_transformers_and_partial_prefix_pulls_less(stack, referen
     wait_for(lambda: worker_load(decode).kv_transfer.pulls == 1, what="first pull counted")
     first = worker_load(decode).kv_transfer
     assert first.pull_failures == 0 and first.blocks_pulled == -(-len(p1) // 16)
+    assert dict(first.pulls_by_backend) == {stack.backend: 1}  # not a silent fallback
 
     r2, route2 = _complete(stack, p2)  # the decode worker holds p1's full blocks already
     assert route2["mode"] == "disaggregated" and route2["decode"] == decode
@@ -85,7 +88,7 @@ def test_greedy_equals_transformers_and_partial_prefix_pulls_less(stack, referen
     wait_for(lambda: worker_load(decode).kv_transfer.pulls == 2, what="second pull counted")
     second = worker_load(decode).kv_transfer
     pulled = second.blocks_pulled - first.blocks_pulled
-    assert second.pull_failures == 0
+    assert second.pull_failures == 0 and dict(second.pulls_by_backend) == {stack.backend: 2}
     assert pulled == -(-len(p2) // 16) - len(p1) // 16 < -(-len(p2) // 16)
     wait_for(
         lambda: worker_load(route1["prefill"]).kv_transfer.handles_pinned == 0,

@@ -96,6 +96,7 @@ async def test_pull_equals_aggregated_and_releases(backend: str) -> None:
         assert await _disaggregated(pre, dec, "r1") == want
         s = dec.stats()
         assert (s.pulls, s.pull_failures, s.blocks_pulled) == (1, 0, 10)
+        assert dict(s.pulls_by_backend) == {backend: 1}  # the backend asked for, not a fallback
         await _settled(pre, dec)
         assert pre.stats().handles_published == 1
 

@@ -1,4 +1,5 @@
-"""kvtransfer transport layer: pools, handles, shm/tcp/fake transports, backend choice.
+"""kvtransfer transport layer: pools, handles, shm/tcp/fake transports, backends built and chosen
+through kvtransfer.registry (its unit tests are in test_kv_registry.py).
 
 Pure tests are marked `unit`; the ones that start a peer process or bind sockets on 127.0.0.1
 are `integration`. Every wait is bounded (asyncio timeouts, process wait timeouts).
@@ -12,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,13 +24,22 @@ import numpy as np
 import pytest
 
 from kvtransfer.errors import LayoutMismatch, TransferError, TransferRefused
-from kvtransfer.fake import FakeTransport
+from kvtransfer.fake import FakeTransport, RegistryControl
 from kvtransfer.handles import HandleRegistry
+from kvtransfer.host import host_id
 from kvtransfer.layout import KvLayout
 from kvtransfer.pool import KvPool
-from kvtransfer.select import choose_backend, host_id
+from kvtransfer.registry import Setup, build
 from kvtransfer.shm import ShmTransport, _run_to_end
-from kvtransfer.tcp import RESPONSE, TcpTransferServer, TcpTransport
+from kvtransfer.tcp import (
+    OP_CLAIM,
+    OP_READ,
+    REQUEST,
+    RESPONSE,
+    TcpTransferServer,
+    TcpTransport,
+    encode_request,
+)
 from kvtransfer.transport import HandleRef, runs
 from tests.kvtransfer_peer import pattern
 
@@ -59,10 +70,10 @@ def make_ref(handle, src: KvPool | None = None, **kw) -> HandleRef:
         "handle_id": handle.handle_id,
         "token": handle.token,
         "endpoint": "",
-        "backend": "fake",
         "layout": src.layout if src is not None else LAYOUT,
         "shm_name": (src.name or "") if src is not None else "",
         "num_blocks": src.num_blocks if src is not None else NUM_BLOCKS,
+        "host_id": host_id(),
     }
     return HandleRef(**{**fields, **kw})
 
@@ -223,7 +234,7 @@ def make_registry() -> tuple[HandleRegistry, list[str], Clock]:
 def test_publish_and_claim() -> None:
     reg, unpinned, clock = make_registry()
     h = reg.publish("r1", [3, 4, 5], 40, ttl_s=30.0)
-    assert len(h.token) == 32 and int(h.token, 16) >= 0
+    assert isinstance(h.token, bytes) and len(h.token) == 16  # 128 bits, raw
     assert h.block_ids == [3, 4, 5] and h.num_tokens == 40 and h.expires_at == 1030.0
     assert reg.num_pinned == 1
     clock.now = 1020.0
@@ -232,6 +243,8 @@ def test_publish_and_claim() -> None:
     assert reg.is_live(claimed) and unpinned == []
     with pytest.raises(ValueError, match="already published"):
         reg.publish("r1", [1], 1)
+    tokens = {h.token, *(reg.publish(f"r{i}", [i], 16).token for i in range(2, 10))}
+    assert len(tokens) == 9  # every handle mints its own token
 
 
 @pytest.mark.unit
@@ -241,8 +254,10 @@ def test_claim_refusals_say_why() -> None:
     with pytest.raises(TransferRefused, match="unknown handle 'nope'"):
         reg.claim("nope", h.token)
     with pytest.raises(TransferRefused, match="wrong token") as info:
-        reg.claim("r1", "0" * 32)
+        reg.claim("r1", bytes(16))
     assert "wrong token" in info.value.reason
+    with pytest.raises(TransferRefused, match="wrong token"):
+        reg.claim("r1", h.token.hex().encode()[:16])  # the hex text of the token is not the token
     reg.claim("r1", h.token)
     with pytest.raises(TransferRefused, match="reused"):
         reg.claim("r1", h.token)
@@ -268,7 +283,8 @@ def test_release_is_idempotent_and_unpins_once() -> None:
     reg, unpinned, _ = make_registry()
     h = reg.publish("r1", [1, 2], 32)
     assert reg.num_pinned_blocks == 2
-    assert reg.release("r1", token="f" * 32) is False  # a wrong token releases nothing
+    assert reg.release("r1", token=b"\xff" * 16) is False  # a wrong token releases nothing
+    assert reg.num_pinned == 1 and unpinned == []
     assert reg.release("r1", token=h.token) is True
     assert reg.release("r1") is False
     assert reg.release("never") is False
@@ -387,6 +403,26 @@ async def test_fake_transport_copies_fails_and_aborts() -> None:
             await fake.pull(make_ref(h), [0], [NUM_BLOCKS])
 
 
+@pytest.mark.unit
+async def test_fake_transport_claims_and_releases_through_its_control() -> None:
+    with make_pool(seed=8) as src, make_pool() as dst:
+        reg, unpinned, _ = make_registry()
+        h = reg.publish("r1", [2, 3], 32)
+        fake = FakeTransport(src, dst, RegistryControl(reg))
+        await fake.pull(make_ref(h), [2], [0])
+        await fake.pull(make_ref(h), [3], [1])  # claimed once: later pulls of the handle go on
+        assert_copied(src, dst, [2, 3], [0, 1])
+        with pytest.raises(TransferRefused, match="reused"):  # another puller: the token is spent
+            await FakeTransport(src, dst, RegistryControl(reg)).pull(make_ref(h), [2], [0])
+        h2 = reg.publish("r2", [4], 16)
+        with pytest.raises(TransferRefused, match="wrong token"):
+            await fake.pull(make_ref(h2, token=bytes(16)), [4], [4])
+        assert not dst.array[4].any() and fake.stats.num_failures == 1 and fake.stats.num_pulls == 2
+        assert await fake.release(make_ref(h, token=bytes(16))) is False
+        assert await fake.release(make_ref(h)) is True and await fake.release(make_ref(h)) is False
+        assert unpinned == ["r1"] and reg.num_pinned == 1
+
+
 async def _until(cond) -> None:
     while not cond():
         await asyncio.sleep(0)
@@ -395,26 +431,36 @@ async def _until(cond) -> None:
 # -- shm ------------------------------------------------------------------------------------
 
 
-def registry_claim(reg: HandleRegistry):
-    async def claim(ref: HandleRef) -> None:
-        reg.claim(ref.handle_id, ref.token)
+class CountingControl(RegistryControl):
+    """RegistryControl that records every claim it is asked for."""
 
-    return claim
+    def __init__(self, registry: HandleRegistry) -> None:
+        super().__init__(registry)
+        self.claims: list[str] = []
+
+    async def claim(self, handle: HandleRef) -> None:
+        self.claims.append(handle.handle_id)
+        await super().claim(handle)
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("n", [1, 16, 256])
 async def test_shm_pull_in_process(n: int) -> None:
     with make_pool(seed=n, shared=True) as src, make_pool() as dst:
-        reg, _, _ = make_registry()
+        reg, unpinned, _ = make_registry()
         src_ids, dst_ids = scattered(n, n)
         h = reg.publish("r1", src_ids, n * 16)
-        shm = ShmTransport(dst, registry_claim(reg), thread_min_bytes=64 * LAYOUT.block_bytes)
+        control = CountingControl(reg)
+        shm = ShmTransport(dst, control, thread_min_bytes=64 * LAYOUT.block_bytes)
+        assert shm.reach(make_ref(h, src)) is None
         await asyncio.wait_for(shm.pull(make_ref(h, src), src_ids, dst_ids), BOUND_S)
         assert_copied(src, dst, src_ids, dst_ids)
         contiguous = list(range(n))
-        await asyncio.wait_for(shm.pull(make_ref(h, src), contiguous, contiguous), BOUND_S)  # claimed once
+        await asyncio.wait_for(shm.pull(make_ref(h, src), contiguous, contiguous), BOUND_S)
         assert_copied(src, dst, contiguous, contiguous)
+        assert control.claims == ["r1"]  # claimed once
+        assert await shm.release(make_ref(h, src)) is True and unpinned == ["r1"]
+        assert await shm.release(make_ref(h, src)) is False
         await shm.close()
 
 
@@ -423,31 +469,27 @@ async def test_shm_refusal_layout_and_missing_pool() -> None:
     with make_pool(seed=3, shared=True) as src, make_pool() as dst:
         reg, _, _ = make_registry()
         h = reg.publish("r1", [0], 16)
-        shm = ShmTransport(dst, registry_claim(reg))
+        control = CountingControl(reg)
+        shm = ShmTransport(dst, control)
         with pytest.raises(TransferRefused, match="wrong token"):
-            await shm.pull(make_ref(h, src, token="0" * 32), [0], [0])
+            await shm.pull(make_ref(h, src, token=bytes(16)), [0], [0])
         with pytest.raises(LayoutMismatch) as info:
             await shm.pull(make_ref(h, src, layout=OTHER), [0], [0])
         assert LAYOUT.describe() in str(info.value) and OTHER.describe() in str(info.value)
         with pytest.raises(TransferError, match="compat"):
-            await ShmTransport(dst, registry_claim(reg), compat_hash="aaaa").pull(
+            await ShmTransport(dst, RegistryControl(reg), compat_hash="aaaa").pull(
                 make_ref(h, src, compat_hash="bbbb"), [0], [0]
             )
         with pytest.raises(TransferError, match="source block ids out of range"):
             await shm.pull(make_ref(h, src), [NUM_BLOCKS], [0])
         await shm.pull(make_ref(h, src), [0], [0])
+        assert control.claims == ["r1", "r1"]  # the refused claim, then the good one
         reg.release("r1")
-        claims = []
-
-        async def counting_claim(ref: HandleRef) -> None:
-            claims.append(ref.handle_id)
-            reg.claim(ref.handle_id, ref.token)
-
-        shm._claim = counting_claim
+        control.claims.clear()
         again = reg.publish("r1", [1], 16)  # the same request id, published anew: a new token
         await shm.pull(make_ref(again, src), [1], [1])
         await shm.pull(make_ref(again, src), [1], [2])
-        assert claims == ["r1"]
+        assert control.claims == ["r1"]
         name = src.name
     with pytest.raises(TransferError, match="is gone"):
         await shm.pull(make_ref(h, shm_name=name, num_blocks=NUM_BLOCKS), [0], [0])
@@ -456,14 +498,21 @@ async def test_shm_refusal_layout_and_missing_pool() -> None:
 
 @pytest.mark.unit
 async def test_shm_claim_failure_is_a_transfer_error() -> None:
-    async def broken(ref: HandleRef) -> None:
-        raise ConnectionError("grpc unavailable")
+    class Broken:
+        async def claim(self, ref: HandleRef) -> None:
+            raise ConnectionError("control channel unavailable")
+
+        async def release(self, ref: HandleRef) -> bool:
+            raise AssertionError("nothing was claimed")
 
     with make_pool(seed=3, shared=True) as src, make_pool() as dst:
         reg, _, _ = make_registry()
         h = reg.publish("r1", [0], 16)
-        with pytest.raises(TransferError, match="grpc unavailable"):
-            await ShmTransport(dst, broken).pull(make_ref(h, src), [0], [0])
+        shm = ShmTransport(dst, Broken())
+        with pytest.raises(TransferError, match="control channel unavailable"):
+            await shm.pull(make_ref(h, src), [0], [0])
+        assert not dst.array.any() and shm.stats.num_failures == 1
+        await shm.close()
 
 
 @pytest.mark.unit
@@ -492,6 +541,7 @@ class Peer:
         self.info = info
         self.shm_name: str = info["shm_name"]
         self.endpoint: str = info["endpoint"]
+        self.host_id: str = info["host_id"]
 
     @classmethod
     async def start(cls, layout: KvLayout = LAYOUT, blocks: int = NUM_BLOCKS, seed: int = 0) -> Peer:
@@ -517,22 +567,27 @@ class Peer:
         await self.proc.stdin.drain()
         return json.loads(await asyncio.wait_for(self.proc.stdout.readline(), BOUND_S))
 
+    # NOTE: claim and release make the peer a kvtransfer.transport.Control (over its stdin)
     async def claim(self, ref: HandleRef) -> None:
-        """The control-channel claim (in a worker: a gRPC call to the prefill worker)."""
-        answer = await self.ask(op="claim", handle_id=ref.handle_id, token=ref.token)
+        answer = await self.ask(op="claim", handle_id=ref.handle_id, token=ref.token.hex())
         if not answer["ok"]:
             raise TransferRefused(answer["reason"])
 
-    def ref(self, handle: dict, layout: KvLayout = LAYOUT, backend: str = "shm") -> HandleRef:
-        return HandleRef(
-            handle_id=handle["handle_id"],
-            token=handle["token"],
-            endpoint=self.endpoint,
-            backend=backend,
-            layout=layout,
-            shm_name=self.shm_name,
-            num_blocks=self.info["num_blocks"],
-        )
+    async def release(self, ref: HandleRef) -> bool:
+        return (await self.ask(op="release", handle_id=ref.handle_id, token=ref.token.hex()))["released"]
+
+    def ref(self, handle: dict, layout: KvLayout = LAYOUT, **kw) -> HandleRef:
+        fields = {
+            "handle_id": handle["handle_id"],
+            "token": bytes.fromhex(handle["token"]),
+            "endpoint": self.endpoint,
+            "layout": layout,
+            "shm_name": self.shm_name,
+            "num_blocks": self.info["num_blocks"],
+            "host_id": self.host_id,
+            "source_worker": "peer",
+        }
+        return HandleRef(**{**fields, **kw})
 
     async def quit(self) -> None:
         if self.proc.returncode is None:
@@ -566,25 +621,58 @@ async def test_shm_pull_from_another_process() -> None:
         with make_pool() as dst:
             src_ids, dst_ids = scattered(64, 9)
             h = await p.ask(op="publish", handle_id="req-1", ids=src_ids)
-            shm = ShmTransport(dst, p.claim)
+            assert p.host_id == host_id()  # the peer's host id as it computed it: same host
+            shm = ShmTransport(dst, p)
+            assert shm.reach(p.ref(h)) is None
             await asyncio.wait_for(shm.pull(p.ref(h), src_ids, dst_ids), BOUND_S)
             assert_copied(expected, dst, src_ids, dst_ids)
+            other = ShmTransport(dst, p)
             with pytest.raises(TransferRefused, match="reused"):  # another transport, same token
-                await ShmTransport(dst, p.claim).pull(p.ref(h), src_ids, dst_ids)
-            assert (await p.ask(op="release", handle_id="req-1"))["released"]
+                await other.pull(p.ref(h), src_ids, dst_ids)
+            assert await shm.release(p.ref(h, token=bytes(16))) is False  # a wrong token releases nothing
+            assert await p.ask(op="pinned") == {"pinned": 1, "unpinned": []}
+            assert await shm.release(p.ref(h)) is True
             assert await p.ask(op="pinned") == {"pinned": 0, "unpinned": ["req-1"]}
             # NOTE: the deployed path: claim and release through the peer's transfer server
             tcp = TcpTransport(dst)
             h = await p.ask(op="publish", handle_id="req-2", ids=[7, 8, 9])
-            via_tcp = ShmTransport(dst, tcp.claim)
+            via_tcp = ShmTransport(dst, tcp)
             await asyncio.wait_for(via_tcp.pull(p.ref(h), [7, 8, 9], [0, 1, 2]), BOUND_S)
             assert_copied(expected, dst, [7, 8, 9], [0, 1, 2])
-            assert await tcp.release(p.ref(h)) is True
+            assert await via_tcp.release(p.ref(h)) is True
             assert await p.ask(op="pinned") == {"pinned": 0, "unpinned": ["req-1", "req-2"]}
-            await asyncio.gather(shm.close(), via_tcp.close(), tcp.close())
+            await asyncio.gather(shm.close(), other.close(), via_tcp.close(), tcp.close())
         name = p.shm_name
     assert p.proc.returncode == 0
     assert not (SHM / name).exists(), "the owner's segment outlived it"
+
+
+@pytest.mark.integration
+async def test_registry_transports_pull_from_another_process() -> None:
+    """What a decode worker builds (kvtransfer.registry) pulls from a real prefill peer: shm for
+    a handle from this host, tcp for one from another host; both claim and release through the
+    peer's transfer server."""
+    async with peer(seed=12) as p:
+        expected = pattern(NUM_BLOCKS, LAYOUT.block_bytes, 12)
+        with make_pool() as dst:
+            transports = build(Setup(dst), names=("shm", "tcp"))
+            try:
+                assert set(transports.by_name) == {"shm", "tcp"}
+                h = await p.ask(op="publish", handle_id="same-host", ids=[1, 2, 3])
+                t, note = transports.choose(p.ref(h))
+                assert (t.backend, note) == ("shm", "")
+                await asyncio.wait_for(t.pull(p.ref(h), [1, 2, 3], [10, 11, 12]), BOUND_S)
+                assert await t.release(p.ref(h)) is True
+                h = await p.ask(op="publish", handle_id="other-host", ids=[4, 5])
+                far = p.ref(h, host_id="elsewhere/boot")  # same endpoint, but no shared memory
+                t, note = transports.choose(far)
+                assert (t.backend, note) == ("tcp", "")
+                await asyncio.wait_for(t.pull(far, [4, 5], [20, 21]), BOUND_S)
+                assert await t.release(far) is True
+                assert_copied(expected, dst, [1, 2, 3, 4, 5], [10, 11, 12, 20, 21])
+                assert await p.ask(op="pinned") == {"pinned": 0, "unpinned": ["same-host", "other-host"]}
+            finally:
+                await transports.close()
 
 
 # -- tcp ------------------------------------------------------------------------------------
@@ -603,7 +691,7 @@ async def tcp_server(src: KvPool, reg: HandleRegistry) -> AsyncIterator[TcpTrans
 def tcp_ref(server_or_endpoint, handle, layout: KvLayout = LAYOUT, **kw) -> HandleRef:
     endpoint = getattr(server_or_endpoint, "endpoint", server_or_endpoint)
     fields = {"handle_id": handle.handle_id, "token": handle.token, "endpoint": endpoint}
-    return HandleRef(**{**fields, "backend": "tcp", "layout": layout, **kw})
+    return HandleRef(**{**fields, "layout": layout, **kw})
 
 
 @pytest.mark.integration
@@ -654,14 +742,14 @@ async def test_tcp_claim_and_release_control_calls() -> None:
         reg, unpinned, _ = make_registry()
         async with tcp_server(src, reg) as server:
             tcp = TcpTransport(dst)
-            shm = ShmTransport(dst, tcp.claim)
+            shm = ShmTransport(dst, tcp)
             h = reg.publish("r1", [4, 5], 32)
-            ref = tcp_ref(server, h, backend="shm", shm_name=src.name, num_blocks=NUM_BLOCKS)
+            ref = tcp_ref(server, h, shm_name=src.name, num_blocks=NUM_BLOCKS, host_id=host_id())
             await shm.pull(ref, [4, 5], [10, 11])
             assert_copied(src, dst, [4, 5], [10, 11])
             with pytest.raises(TransferRefused, match="reused"):
                 await tcp.claim(ref)
-            assert await tcp.release(tcp_ref(server, h, token="0" * 32)) is False  # wrong token
+            assert await tcp.release(tcp_ref(server, h, token=bytes(16))) is False  # wrong token
             assert reg.num_pinned == 1
             assert await tcp.release(ref) is True
             assert await tcp.release(ref) is False
@@ -687,7 +775,11 @@ async def test_tcp_refusals_name_the_reason() -> None:
         async with tcp_server(src, reg) as server:
             tcp = TcpTransport(dst)
             h = reg.publish("r1", [0, 1], 32, ttl_s=5.0)
-            for token, why in (("0" * 32, "wrong token"), ("zz", "malformed token")):
+            for token, why in (
+                (bytes(16), "wrong token"),
+                (b"zz", "malformed token"),
+                (h.token.hex().encode(), "malformed token"),
+            ):
                 with pytest.raises(TransferRefused, match=why) as info:
                     await tcp.pull(tcp_ref(server, h, token=token), [0], [0])
                 assert why in info.value.reason
@@ -715,6 +807,21 @@ async def test_tcp_layout_mismatch_names_both_layouts() -> None:
             with pytest.raises(LayoutMismatch, match=f"block_bytes={LAYOUT.block_bytes}"):
                 await tcp.pull(tcp_ref(server, h, layout=OTHER), [0], [0])
             await tcp.close()
+
+
+@pytest.mark.unit
+def test_encode_request_carries_the_raw_token() -> None:
+    token = bytes(range(16))
+    request = encode_request("r1", token, [3, 4])
+    assert request == REQUEST.pack(b"PDKV", 1, OP_READ, 2, 2, token) + b"r1" + struct.pack("<2I", 3, 4)
+    claim = encode_request("r1", token, (), OP_CLAIM)
+    assert (
+        REQUEST.unpack(claim[: REQUEST.size])[2:] == (OP_CLAIM, 2, 0, token)
+        and claim[REQUEST.size :] == b"r1"
+    )
+    for bad in (token.hex().encode(), token[:15], b""):  # only the 16 raw bytes are a token
+        with pytest.raises(TransferRefused, match="malformed token"):
+            encode_request("r1", bad, [0])
 
 
 @pytest.mark.integration
@@ -806,21 +913,19 @@ async def test_tcp_server_process_killed_or_stopped() -> None:
             expected = pattern(NUM_BLOCKS, LAYOUT.block_bytes, 7)
             tcp = TcpTransport(dst, timeout_s=0.5)
             h = await p.ask(op="publish", handle_id="warm", ids=[0, 1])
-            await tcp.pull(p.ref(h, backend="tcp"), [0, 1], [0, 1])
+            await tcp.pull(p.ref(h), [0, 1], [0, 1])
             assert_copied(expected, dst, [0, 1], [0, 1])
             h = await p.ask(op="publish", handle_id="r2", ids=list(range(256)))
             p.proc.send_signal(signal.SIGSTOP)
             try:
                 with pytest.raises(TransferError, match="timed out"):
-                    await asyncio.wait_for(
-                        tcp.pull(p.ref(h, backend="tcp"), list(range(256)), list(range(256))), BOUND_S
-                    )
+                    await asyncio.wait_for(tcp.pull(p.ref(h), list(range(256)), list(range(256))), BOUND_S)
             finally:
                 p.proc.kill()
                 p.proc.send_signal(signal.SIGCONT)
                 await asyncio.wait_for(p.proc.wait(), BOUND_S)
             with pytest.raises(TransferError):
-                await asyncio.wait_for(tcp.pull(p.ref(h, backend="tcp"), [0], [0]), BOUND_S)
+                await asyncio.wait_for(tcp.pull(p.ref(h), [0], [0]), BOUND_S)
             await tcp.close()
 
 
@@ -863,25 +968,14 @@ def test_tcp_pull_under_uvloop() -> None:
     uvloop.run(main())
 
 
-# -- backend choice -------------------------------------------------------------------------
+# -- host id --------------------------------------------------------------------------------
+# (which backend reaches which handle: test_kv_registry.py)
 
 
 @pytest.mark.unit
-def test_choose_backend() -> None:
+def test_host_id_is_hostname_and_boot_id() -> None:
     me = host_id()
     assert me.startswith(socket.gethostname() + "/") and me == host_id()
-    assert choose_backend(me, me) == "shm"
-    assert choose_backend("a/1", "b/1") == "tcp"
-    assert choose_backend("", "") == "tcp"  # unknown hosts are never assumed to share memory
-    assert choose_backend(me, me, "tcp") == "tcp"
-    assert choose_backend(me, me, "auto") == "shm"
-    with pytest.raises(ValueError, match="one host"):
-        choose_backend("a/1", "b/1", "shm")
-    with pytest.raises(ValueError, match="CUDA device on both"):
-        choose_backend(me, me, "cuda_ipc", src_cuda=True)
-    with pytest.raises(ValueError, match="not implemented"):
-        choose_backend(me, me, "cuda_ipc", src_cuda=True, dst_cuda=True)
-    with pytest.raises(ValueError, match="nixl"):
-        choose_backend("a/1", "b/1", "nixl")
-    with pytest.raises(ValueError, match="unknown KV transfer backend"):
-        choose_backend(me, me, "rdma")
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    if boot.exists():
+        assert me == f"{socket.gethostname()}/{boot.read_text().strip()}"

@@ -59,7 +59,7 @@ async def test_tls_pull_byte_exact_and_control_calls(pki, n: int) -> None:
             assert await tcp.release(tcp_ref(server, h)) is True
             h2 = reg.publish("r2", [3, 4], 32)
             with pytest.raises(TransferRefused, match="wrong token"):
-                await tcp.pull(tcp_ref(server, h2, token="0" * 32), [3], [3])
+                await tcp.pull(tcp_ref(server, h2, token=bytes(16)), [3], [3])
             await tcp.claim(tcp_ref(server, h2))  # a refusal left the connection in step
             assert server.num_connections == 1  # one TLS connection, reused
             await tcp.close()

@@ -173,7 +173,7 @@ async def _kv_claim(endpoint: str, tls: ssl.SSLContext | None) -> BaseException:
     layout = KvLayout(dtype="float32", num_layers=1, num_kv_heads=1, head_dim=8, block_size=16)
     with KvPool.create(layout, 1) as pool:
         tcp = TcpTransport(pool, tls=tls, timeout_s=5)
-        ref = HandleRef(handle_id="nobody", token="0" * 32, endpoint=endpoint, backend="tcp", layout=layout)
+        ref = HandleRef(handle_id="nobody", token=bytes(16), endpoint=endpoint, layout=layout)
         try:
             await tcp.claim(ref)
         except TransferError as exc:

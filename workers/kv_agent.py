@@ -24,11 +24,11 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
-from kvtransfer.errors import TransferError, TransferRefused
+from kvtransfer.errors import LayoutMismatch, TransferError, TransferRefused
 from kvtransfer.handles import Handle, HandleRegistry
 from kvtransfer.host import host_id
 from kvtransfer.layout import KvLayout, compat_hash
-from kvtransfer.registry import Setup, Transports, build
+from kvtransfer.registry import AUTO_ORDER, Setup, Transports, build
 from kvtransfer.tcp import TcpTransferServer
 from kvtransfer.transport import CudaIpcSource, HandleRef, NixlSource, Transport
 from pdrouter_proto import worker_pb2 as pb
@@ -81,6 +81,21 @@ def _offer_to_pb(handle: pb.KvHandle, offer: dict[str, object]) -> None:
             getattr(handle, key).CopyFrom(type(getattr(handle, key))(**msgspec.structs.asdict(value)))
         else:
             setattr(handle, key, value)
+
+
+class Unreachable(TransferError):
+    """No transport in this worker can reach the handle's prefill worker."""
+
+
+def failure_kind(exc: TransferError) -> str:
+    """The reason class a failed pull is counted under (KvTransferStats.failures_by_reason)."""
+    if isinstance(exc, TransferRefused):
+        return "refused"  # unknown, wrong or reused token, expired, released
+    if isinstance(exc, LayoutMismatch):
+        return "layout_mismatch"
+    if isinstance(exc, Unreachable):
+        return "unreachable"
+    return "failed"  # connection lost, peer gone, timed out, stale data
 
 
 class KvAgent:
@@ -137,7 +152,11 @@ class KvAgent:
             raise ValueError("this engine's KV pool cannot be transferred")
         compat = compat_hash(engine.spec.name, pool.layout, version)
         server_tls, client_tls = tls or (None, None)
-        transports = build(Setup(pool, compat, client_tls, worker_id))
+        # NOTE: UCX does not encrypt; with mutual TLS on, KV leaves a host only through TLS (tcp, staged)
+        names = [n for n in AUTO_ORDER if not (tls and n == "nixl")]
+        transports = build(Setup(pool, compat, client_tls, worker_id), names)
+        if tls:
+            transports.missing["nixl"] = "off with mutual TLS (NIXL/UCX does not encrypt)"
         if backend not in (None, "auto") and backend not in transports.by_name:
             why = transports.missing.get(backend, "unknown backend")
             log.warning("--kv-transfer %s cannot run here (%s); choosing per handle", backend, why)
@@ -215,7 +234,10 @@ class KvAgent:
         async def pull(src: list[int], dst: list[int]) -> None:
             try:
                 if transport is None:
-                    raise TransferError(note)
+                    exc = Unreachable(note)
+                    self._count_failure(exc)
+                    self.release_later(ref)
+                    raise exc
                 await self._pull(transport, ref, src, dst, parent)
             finally:
                 imp.released = True
@@ -240,7 +262,7 @@ class KvAgent:
                 await transport.pull(ref, src, dst)
                 await self._release(transport, ref, required=True)
             except TransferError as exc:
-                self.stats.pull_failures += 1
+                self._count_failure(exc)
                 reason = exc.reason if isinstance(exc, TransferRefused) else str(exc)
                 span.set_attribute("pdrouter.kv.fallback_reason", reason)
                 span.set_status(Status(StatusCode.ERROR, reason))
@@ -253,8 +275,13 @@ class KvAgent:
             seconds = time.perf_counter() - t0
             span.set_attribute("pdrouter.kv.gbps", nbytes / seconds / 1e9 if seconds > 0 else 0.0)
         self.stats.pulls += 1
+        self.stats.pulls_by_backend[transport.backend] += 1
         self.stats.blocks_pulled += len(src)
         self.stats.bytes_pulled += nbytes
+
+    def _count_failure(self, exc: TransferError) -> None:
+        self.stats.pull_failures += 1
+        self.stats.failures_by_reason[failure_kind(exc)] += 1
 
     async def _release(self, transport: Transport, ref: HandleRef, required: bool) -> None:
         try:

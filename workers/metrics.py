@@ -32,6 +32,12 @@ class WorkerCollector(Collector):
             g.add_metric(w, value)
             return g
 
+        def labelled(name: str, doc: str, label: str, values) -> CounterMetricFamily:
+            c = CounterMetricFamily(f"pdrouter_worker_{name}", doc, labels=["worker", label])
+            for key, value in sorted(values.items()):
+                c.add_metric([self.worker_id, key], value)
+            return c
+
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             c = CounterMetricFamily(f"pdrouter_worker_{name}", doc, labels=["worker"])
             c.add_metric(w, value)
@@ -57,6 +63,16 @@ class WorkerCollector(Collector):
             yield counter("kv_handles_expired", "KV handles unpinned by their TTL", s.handles_expired)
             yield gauge("kv_handles_pinned", "KV handles pinned now", s.handles_pinned)
             yield gauge("kv_blocks_pinned", "KV blocks pinned now", s.blocks_pinned)
+            yield labelled(
+                "kv_pulls_by_backend", "KV pulls by the backend that moved the blocks", "backend",
+                s.pulls_by_backend,
+            )  # fmt: skip
+            yield labelled(
+                "kv_pull_failures_by_reason",
+                "Failed KV pulls by reason class",
+                "reason",
+                s.failures_by_reason,
+            )
 
 
 def serve_metrics(host: str, port: int, collectors: list[WorkerCollector]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kvtransfer.device_pool import DevicePool
 from kvtransfer.layout import KvLayout
 from kvtransfer.pool import KvPool
 from workers.engine.attention import GROUP_COST_BLOCKS, plan_step
@@ -59,7 +60,7 @@ class ModelRunner:
         check_gemm(gemm, self.device)  # NOTE: now, so a bad choice fails at start, not at the first step
         self.gemm = gemm
         self.shared_kv = shared_kv and self.device.type == "cpu"
-        self.transfer_pool: KvPool | None = None  # the pool's bytes as kvtransfer sees them (CPU only)
+        self.transfer_pool: KvPool | DevicePool | None = None  # the pool's bytes as kvtransfer sees them
         # NOTE: shared with the mock runner so both engines describe a directory identically.
         self.spec: ModelSpec = spec_from_model_dir(self.model_dir, block_size, dtype)
         if num_blocks is None:
@@ -104,6 +105,7 @@ class ModelRunner:
             pool = torch.frombuffer(self.transfer_pool.buffer, dtype=torch.uint8).view(self.dtype).view(shape)
         else:
             pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.transfer_pool = DevicePool(layout, pool)
         self.kv_caches = [(pool[:, i, 0], pool[:, i, 1]) for i in range(layout.num_layers)]
         self._kv_pool = pool
         self._model = model

@@ -14,7 +14,7 @@ from typing import Protocol
 import msgspec
 
 from kvtransfer.layout import KvLayout
-from kvtransfer.pool import KvPool
+from kvtransfer.pool import Pool
 from workers.engine.sequence import SampledToken, ScheduledSeq
 
 
@@ -55,7 +55,7 @@ def spec_from_model_dir(model_dir: Path, block_size: int = 16, dtype: str = "flo
 class Runner(Protocol):
     spec: ModelSpec
     num_blocks: int
-    transfer_pool: KvPool | None  # the KV pool's bytes, for kvtransfer (None: not transferable)
+    transfer_pool: Pool | None  # the KV pool's bytes, for kvtransfer (None: not transferable)
 
     def execute(self, batch: list[ScheduledSeq]) -> list[SampledToken | None]:
         """Run one engine step; return one entry per scheduled seq (None where not sampled)."""

@@ -142,6 +142,18 @@ def test_one_trace_across_three_processes_with_a_token_event_per_token(stack, co
     assert transfer["pdrouter.kv.blocks"].int_value >= 1 and transfer["pdrouter.kv.backend"].string_value
 
 
+def test_a_200_token_answer_exports_200_token_events(stack, collector) -> None:
+    """Past the SDK's default of 128 events per span: every token, the first one included."""
+    trace_id = "5c0ffee0000000000000000000000200"
+    headers, _ = _chat(stack, "trace-200", 200, f"00-{trace_id}-{CALLER_SPAN}-01")
+    spans = _wait_spans(collector, trace_id, lambda s: any(x.name == "request" for _, x in s))
+    root = next(s for _, s in spans if s.name == "request")
+    events = [e for e in root.events if e.name == "token"]
+    assert len(events) == 200 and root.dropped_events_count == 0
+    times = [e.time_unix_nano for e in events]
+    assert times == sorted(times) and times[0] >= root.start_time_unix_nano
+
+
 def test_timeline_stages_add_up_to_ttft_and_trace_cli_renders(stack) -> None:
     _chat(stack, "trace-2", 5)
     with urllib.request.urlopen(stack.base_url + "/debug/requests/trace-2", timeout=10) as r:

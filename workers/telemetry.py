@@ -42,12 +42,16 @@ def setup_tracing(service_name: str) -> bool:
     if _configured or not tracing_enabled_by_env():
         return _configured
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     instance = f"{socket.gethostname()}:{os.getpid()}"
+    # NOTE: the SDK keeps 128 events per span unless told otherwise, so a long answer would lose
+    # its first tokens' events; keep every one unless OTEL_SPAN_EVENT_COUNT_LIMIT bounds them
+    bounded = bool(os.environ.get("OTEL_SPAN_EVENT_COUNT_LIMIT"))
     provider = TracerProvider(
-        resource=Resource.create({"service.name": service_name, "service.instance.id": instance})
+        resource=Resource.create({"service.name": service_name, "service.instance.id": instance}),
+        span_limits=SpanLimits(max_events=None if bounded else SpanLimits.UNSET),
     )
     if os.environ.get("OTEL_TRACES_EXPORTER", "").lower() == "console":
         exporter = ConsoleSpanExporter()

@@ -60,3 +60,50 @@ def test_bad_gemm_choices_name_the_problem() -> None:
         resolve_gemm("onednn", torch.device("cuda"))
     with pytest.raises(ValueError, match="unknown gemm 'mkl'"):
         check_gemm("mkl", torch.device("cpu"))  # type: ignore[arg-type]
+
+
+class _Clock:
+    """Advanced only by the GEMM calls below, by the cost the test sets: measure_gemm's
+    decision alone is under test, whatever the machine does."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_measure_gemm_picks_by_geometric_mean_of_ratios(monkeypatch) -> None:
+    import workers.engine.linear as linear
+
+    clock = _Clock()
+    cost = {"onednn": {1: 3.0, 16: 0.5, 256: 0.5}, "blas": {1: 1.0, 16: 1.0, 256: 1.0}}
+
+    def timed(op, kind: str):
+        def run(x, w, b):
+            clock.now += cost[kind][x.shape[0]]
+            return op(x, w, b)
+
+        return run
+
+    monkeypatch.setattr(linear, "_onednn", timed(linear._onednn, "onednn"))
+    monkeypatch.setattr(linear, "_mm", timed(linear._mm, "blas"))
+    weights = [torch.randn(32, 16), torch.randn(16, 32)]
+    chosen, ratios = linear.measure_gemm(weights, clock=clock)
+    assert ratios == {1: 3.0, 16: 0.5, 256: 0.5}  # oneDNN 3x slower at one token, 2x faster after
+    assert chosen == "onednn"  # geometric mean 0.91
+    cost["onednn"][1] = 5.0  # geometric mean 1.08: blas
+    assert linear.measure_gemm(weights, clock=clock)[0] == "blas"
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN on this CPU")
+def test_auto_measures_on_the_model_shapes_and_records_the_ratios(tmp_path) -> None:
+    from tests._tiny_llama import make_tiny_llama
+    from workers.engine.llama import LlamaModel
+
+    make_tiny_llama(tmp_path)
+    model_dir = tmp_path
+    model = LlamaModel.load(model_dir, torch.device("cpu"), torch.float32, "auto")
+    assert set(model.gemm_ratios) == {1, 16, 256} and all(r > 0 for r in model.gemm_ratios.values())
+    assert model.gemm in ("onednn", "blas")
+    assert LlamaModel.load(model_dir, torch.device("cpu"), torch.float32, "blas").gemm_ratios == {}

@@ -9,6 +9,7 @@ transformers' LlamaForCausalLM op for op, so greedy output matches `generate` to
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from workers.engine.attention import StepAttention, paged_attention
-from workers.engine.linear import Gemm, Linear, resolve_gemm
+from workers.engine.linear import Gemm, Linear, measure_gemm, resolve_gemm
+
+log = logging.getLogger("pdrouter.engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,8 @@ class LlamaModel:
         self.cfg = cfg
         self.embed = weights["model.embed_tokens.weight"]
         self.norm = weights["model.norm.weight"]
-        self.gemm = gemm = resolve_gemm(gemm, self.embed.device, self.embed.dtype)
+        self.gemm_ratios: dict[int, float] = {}  # auto's measurement: oneDNN/blas time by token count
+        self.gemm = gemm = self._choose_gemm(cfg, weights, gemm)
         head = self.embed if cfg.tie_word_embeddings else weights["lm_head.weight"]
         self.lm_head = Linear(head, None, gemm)
         self.layers = [self._layer(weights, f"model.layers.{i}.", gemm) for i in range(cfg.num_layers)]
@@ -120,6 +124,19 @@ class LlamaModel:
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+
+    def _choose_gemm(self, cfg: LlamaConfig, w: dict[str, torch.Tensor], gemm: Gemm) -> Gemm:
+        """`auto` on a CPU where oneDNN runs: measured on layer 0's projections (linear.measure_gemm)."""
+        resolved = resolve_gemm(gemm, self.embed.device, self.embed.dtype)
+        if gemm != "auto" or resolved != "onednn":
+            return resolved
+        p = "model.layers.0."
+        names = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
+        chosen, ratios = measure_gemm([w[f"{p}{n}.weight"] for n in names])
+        self.gemm_ratios = ratios
+        log.info("gemm auto: %s (oneDNN/blas time at %s tokens)", chosen,
+                 ", ".join(f"{m}: {r:.2f}" for m, r in ratios.items()))  # fmt: skip
+        return chosen
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], p: str, gemm: Gemm) -> LlamaLayer:

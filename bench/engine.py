@@ -1,10 +1,11 @@
 """Engine throughput: our continuous-batching engine vs transformers `generate`, same run.
 
     python -m bench.engine [--quick] [--model PATH] [--threads 2] [--rounds N] [--device cpu|cuda]
+                           [--dtype float32|bfloat16]
 
 Ours: N concurrent requests (N = 1, 4, 16, 32) into one in-process Engine; aggregate tokens/s,
-TTFT and ITL. Baselines on the same prompts and token counts: transformers single-stream and
-one static, left-padded batch of 32. Headline ratios: ours@32 / HF static batch of 32 and
+TTFT and ITL. Baselines on the same prompts, token counts and dtype: transformers single-stream
+(the same one prompt as ours at concurrency 1) and one static, left-padded batch of 32. Headline ratios: ours@32 / HF static batch of 32 and
 ours@1 / HF single-stream.
 
 Every measurement runs in a fresh process of its own (one thread doing torch work, as in a
@@ -153,8 +154,8 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     max_new: int
     levels: list[int]  # ours: concurrency levels, each with max_new tokens per request
     mixed: list[int]  # per-request lengths of the mixed run (empty: none)
-    single_prompts: int = 3  # hf: prompts run one after another for the single-stream figure
     gemm: str = "auto"
+    dtype: str = "float32"  # both systems run this dtype
 
 
 def measure(job: Job) -> dict:
@@ -174,7 +175,13 @@ async def _measure_ours(job: Job, prompts: list[list[int]]) -> dict:
     from workers.engine.model_runner import ModelRunner
     from workers.engine.scheduler import SchedulerConfig
 
-    runner = ModelRunner(job.model_dir, threads=job.threads, device=job.device, gemm=job.gemm)  # type: ignore[arg-type]
+    runner = ModelRunner(
+        job.model_dir,
+        threads=job.threads,
+        device=job.device,
+        gemm=job.gemm,
+        dtype=job.dtype,  # type: ignore[arg-type]
+    )
     engine = Engine(runner, SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048))
     engine.start()
     try:
@@ -197,11 +204,12 @@ async def _measure_ours(job: Job, prompts: list[list[int]]) -> dict:
 def _measure_hf(job: Job, prompts: list[list[int]], pad: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if job.device == "cuda" else torch.float32
+    dtype = getattr(torch, job.dtype)
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=dtype).to(job.device).eval()
     hf_static_batch(model, prompts[:2], [4, 4], pad)  # warm-up
     return {
-        "single": hf_single(model, prompts[: job.single_prompts], job.max_new),
+        # NOTE: the same one prompt our engine's single stream (concurrency 1) runs
+        "single": hf_single(model, prompts[:1], job.max_new),
         "static32": hf_static_batch(model, prompts, [job.max_new] * 32, pad),
         "static32_mixed": hf_static_batch(model, prompts, job.mixed, pad),
     }
@@ -252,7 +260,12 @@ def main() -> None:
         "--rounds", type=int, default=0, help="alternating rounds per system (default 2; quick 1)"
     )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--dtype", default="", choices=["", "float32", "bfloat16"],
+        help="both systems (default: float32 on CPU, bfloat16 on CUDA)",
+    )  # fmt: skip
     args = ap.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     from workers.model_files import resolve_model
 
     model_dir = str(resolve_model(args.model))
@@ -263,9 +276,10 @@ def main() -> None:
     # (25%..100% of max_new); the static batch runs until its longest one is done.
     mixed = [max_new * (1 + i % 4) // 4 for i in range(32)]
     common = {"model_dir": model_dir, "threads": args.threads, "device": args.device, "max_new": max_new}
+    common["dtype"] = dtype
     jobs = {
         "ours": Job(system="ours", levels=levels, mixed=mixed, **common),
-        "hf": Job(system="hf", levels=[], mixed=mixed, single_prompts=1 if args.quick else 3, **common),
+        "hf": Job(system="hf", levels=[], mixed=mixed, **common),
     }
     if args.device == "cpu":  # NOTE: on CUDA both sides already use cuBLAS
         jobs["ours_blas"] = Job(system="ours", levels=[1, 32], mixed=[], gemm="blas", **common)
@@ -293,7 +307,7 @@ def main() -> None:
     rows.append(row("pdrouter engine, temperature 1, top_p 0.95", 32, ours_sampled))
     rows += [row("pdrouter engine, blas GEMM", c, r) for c, r in blas.items()]
     headers = ["system", "concurrency", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
-    print(f"{args.device}, {args.threads} threads, {max_new} new tokens, best of {rounds} round(s)")
+    print(f"{args.device} {dtype}, {args.threads} threads, {max_new} new tokens, best of {rounds} round(s)")
     print(table(headers, rows))
     figures = {
         "ours_tok_s_c1": round(ours_res[1]["tok_s"], 2),
@@ -307,12 +321,15 @@ def main() -> None:
         "ttft_p50_ms_c32": round(ours_res[32]["ttft_p50_ms"], 1),
         "itl_p50_ms_c32": round(ours_res[32]["itl_p50_ms"], 1),
         "device": args.device,
+        "dtype": dtype,
     }
     if blas:
         figures["ratio_vs_hf_static_batch32_same_gemm"] = round(blas[32]["tok_s"] / hf32, 3)
         figures["ratio_vs_hf_single_stream_same_gemm"] = round(blas[1]["tok_s"] / hf1, 3)
     path = save(
-        "engine" if args.device == "cpu" else f"engine_{args.device}",
+        "engine"
+        + ("" if args.device == "cpu" else f"_{args.device}")
+        + ("" if args.dtype == "" else f"_{dtype}"),
         {
             "max_new_tokens": max_new,
             "threads": args.threads,

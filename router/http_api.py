@@ -74,6 +74,7 @@ class RouterState:
         self.admission = Admission()
         self.api_keys = ApiKeys()  # none: the API is open
         self.ready_min_workers = 1  # NOTE: `serve` asks for every worker it starts
+        self._started = False  # ready_min_workers were healthy once
 
     @property
     def draining(self) -> bool:
@@ -85,12 +86,14 @@ class RouterState:
 
     @property
     def ready(self) -> bool:
+        """A healthy decode worker, and at start-up `ready_min_workers` healthy workers: once that
+        many were up, one lost worker must not take the router out of its load balancer."""
         pool = self.orchestrator.pool
-        return (
-            not self.draining
-            and bool(pool.healthy("decode"))
-            and len(pool.healthy()) >= self.ready_min_workers
-        )
+        if self.draining or not pool.healthy("decode"):
+            return False
+        if not self._started:
+            self._started = len(pool.healthy()) >= self.ready_min_workers
+        return self._started
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:

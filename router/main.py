@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-min-workers",
         type=int,
         default=1,
-        help="GET /ready answers 200 once this many workers are healthy (and one can decode)",
+        help="at start-up, GET /ready waits until this many workers are healthy (after that it needs "
+        "a healthy decode worker only)",
     )
     p.add_argument(
         "--local-prefill-max-tokens",

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from tests.kv_helpers import wait_for
 from tests.procs import Proc, free_port, pdrouter, wait_http_ok
 
 pytestmark = pytest.mark.integration
@@ -100,8 +101,9 @@ def test_serve_reports_a_dead_child(tmp_path, default_model_dir) -> None:
     assert "exited with code" in log
 
 
-def test_ready_waits_for_ready_min_workers(tmp_path, default_model_dir) -> None:
-    """`serve` passes every worker it starts: a stack is ready as asked for, not half of it."""
+def test_ready_waits_for_ready_min_workers_at_start_only(tmp_path, default_model_dir) -> None:
+    """`serve` passes every worker it starts: a stack is ready as asked for, not half of it; once
+    it was, losing one worker (that serve is restarting, say) keeps the router ready."""
     ports = [free_port(), free_port()]
     hport, gport = free_port(), free_port()
     workers = [_worker(tmp_path, ports[0], str(default_model_dir))]
@@ -119,6 +121,10 @@ def test_ready_waits_for_ready_min_workers(tmp_path, default_model_dir) -> None:
         assert _status(base + "/ready")[0] == 503
         workers.append(_worker(tmp_path, ports[1], str(default_model_dir)))
         _wait_status(base + "/ready", 200)
+        workers.pop().stop()
+        down = f"127.0.0.1:{ports[1]} is unhealthy"
+        wait_for(lambda: down in router.log(), what="the router sees the second worker down")
+        assert _status(base + "/ready")[0] == 200
     finally:
         for w in workers:
             w.stop()

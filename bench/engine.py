@@ -5,8 +5,8 @@
 
 Ours: N concurrent requests (N = 1, 4, 16, 32) into one in-process Engine; aggregate tokens/s,
 TTFT and ITL. Baselines on the same prompts, token counts and dtype: transformers single-stream
-(the same one prompt as ours at concurrency 1) and one static, left-padded batch of 32. Headline ratios: ours@32 / HF static batch of 32 and
-ours@1 / HF single-stream.
+(the same one prompt as ours at concurrency 1) and one static, left-padded batch of 32.
+Headline ratios: ours@32 / HF static batch of 32 and ours@1 / HF single-stream.
 
 Every measurement runs in a fresh process of its own (one thread doing torch work, as in a
 worker: see workers/engine/model_runner.py on OpenMP teams), the systems alternate round by

@@ -395,7 +395,7 @@ class HttpApp:
                 if gen.stream:
                     await self._stream(gen, route, resp, extra)
                 else:
-                    await self._collect(gen, route, resp, extra)
+                    await self._collect(gen, route, resp)
         except TimeoutError:
             raise ApiError(
                 504, f"The request's deadline of {deadline:g} s (x-request-timeout) passed",
@@ -404,7 +404,7 @@ class HttpApp:
         finally:
             watcher.cancel()
 
-    async def _collect(self, gen: GenerationRequest, route: list[Route], resp: _Response, extra) -> None:
+    async def _collect(self, gen: GenerationRequest, route: list[Route], resp: _Response) -> None:
         n = gen.num_choices
         texts: list[list[str]] = [[] for _ in range(n)]
         lps: list[list] = [[] for _ in range(n)]
@@ -444,7 +444,9 @@ class HttpApp:
             body = oa.Completion(
                 gen.request_id, created, gen.model, SYSTEM_FINGERPRINT, choices, usage.result()
             )
-        await resp.json(200, _json.encode(body), extra)
+        # NOTE: sent after the answer, so it names the workers that served it (after a failover)
+        header = self._served(route, resp)
+        await resp.json(200, _json.encode(body), [(b"x-pdrouter-route", header.encode())])
         _mark("first_sent")  # NOTE: not streaming: the first token reaches the client with the last
 
     async def _stream(self, gen: GenerationRequest, route: list[Route], resp: _Response, extra) -> None:
@@ -494,7 +496,17 @@ class HttpApp:
             else:
                 payload = oa.Completion(rid, created, model, SYSTEM_FINGERPRINT, [], usage.result())
             await resp.event(_json.encode(payload))
+        self._served(route, resp)  # NOTE: the header went out with the plan; the timeline gets the truth
         await resp.end_sse()
+
+    def _served(self, route: list[Route], resp: _Response) -> str:
+        """The route as it was served (failovers update it): for the timeline, metrics, header."""
+        header = self.state.orchestrator.route_header(route)
+        resp.mode = route[0].mode
+        tl = timeline.current()
+        if tl is not None:
+            tl.mode, tl.route = resp.mode, header
+        return header
 
     # -- shaping helpers ----------------------------------------------------------------------
 

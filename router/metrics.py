@@ -67,17 +67,19 @@ class RouterMetrics:
         self.worker_kv_by = {
             field: Gauge(f"pdrouter_worker_kv_{field}", help_text, ["worker", label], registry=r)
             for field, label, help_text in (
-                (
-                    "pulls_by_backend",
-                    "backend",
-                    "KV pulls by the backend that moved the blocks",
-                ),
+                ("pulls_by_backend", "backend", "KV pulls by the backend that moved the blocks"),
                 ("failures_by_reason", "reason", "Failed KV pulls by reason class (decode side)"),
             )
         }
 
     def observe_workers(self, workers) -> None:
-        """Refreshed at scrape time from the pool's latest load reports."""
+        """Refreshed at scrape time from the pool's latest load reports; a worker that left the
+        pool (discovery removed it) leaves every per-worker series too."""
+        for gauge in (
+            self.worker_healthy, self.worker_blocks_used, self.worker_blocks_total, self.worker_waiting,
+            self.worker_ejections, *self.worker_kv.values(), *self.worker_kv_by.values(),
+        ):  # fmt: skip
+            gauge.clear()
         for w in workers:
             self.worker_healthy.labels(w.worker_id, w.role).set(1 if w.healthy else 0)
             self.worker_blocks_used.labels(w.worker_id).set(w.load.kv_blocks_used)

@@ -310,7 +310,7 @@ class Orchestrator:
             _worker_timing(prefill_queue_ms=resp.ok.queue_ms, prefill_compute_ms=resp.ok.compute_ms)
             route.prefill = worker
             return worker, resp.ok
-        route.prefill = None
+        route.prefill, route.mode = None, "aggregated"  # NOTE: the decode worker prefills itself
         return None
 
     async def _decode(
@@ -398,7 +398,7 @@ class Orchestrator:
                         None,
                         "no_healthy_worker",
                     ) from exc
-                worker = others[0]
+                worker = route.decode = others[0]
             finally:
                 current.in_flight -= 1
                 call.cancel()

@@ -140,38 +140,63 @@ def rss_kib(pid: int) -> int:
 
 
 class PrefillDecode:
-    """A router over one prefill and one decode mock worker, each its own process (so a test can
-    kill one), every request with a longer prompt than 16 tokens disaggregated."""
+    """A router over `prefills` prefill workers and one decode mock worker, each its own process
+    (so a test can kill one), every request with a longer prompt than 16 tokens disaggregated.
 
-    def __init__(self, tmp: Path, model_dir: Path, token_delay_ms: float = 1.0) -> None:
-        pport, dport, hport = free_port(), free_port(), free_port()
+    `workers` lists the prefill addresses, then the decode address (`decode_address`);
+    `prefills[i]` is the process serving `workers[i]`. With `metrics`, each worker serves
+    Prometheus /metrics on a port of its own: `metrics_urls[address]`."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        model_dir: Path,
+        token_delay_ms: float = 1.0,
+        *,
+        prefills: int = 1,
+        router_args: tuple[str, ...] = (),
+        metrics: bool = False,
+    ) -> None:
+        pports, dport, hport = [free_port() for _ in range(prefills)], free_port(), free_port()
         model = str(model_dir)
         common = ["--engine", "mock", "--model", str(model_dir), "--mock-token-delay-ms", str(token_delay_ms)]
-        self.prefill = Proc(
-            pdrouter("worker", "--role", "prefill", "--port", str(pport), *common), tmp / "p.log"
-        )
-        self.decode = Proc(
-            pdrouter("worker", "--role", "decode", "--port", str(dport), *common), tmp / "d.log"
-        )
+        self.metrics_urls: dict[str, str] = {}
+
+        def worker(role: str, port: int, log: str) -> Proc:
+            extra: list[str] = []
+            if metrics:
+                mport = free_port()
+                extra = ["--metrics-port", str(mport)]
+                self.metrics_urls[f"127.0.0.1:{port}"] = f"http://127.0.0.1:{mport}/metrics"
+            return Proc(pdrouter("worker", "--role", role, "--port", str(port), *common, *extra), tmp / log)
+
+        self.prefills = [
+            worker("prefill", port, "p.log" if i == 0 else f"p{i}.log") for i, port in enumerate(pports)
+        ]
+        self.prefill = self.prefills[0]
+        self.decode = worker("decode", dport, "d.log")
+        self.prefill_addresses = [f"127.0.0.1:{port}" for port in pports]
+        self.decode_address = f"127.0.0.1:{dport}"
+        self.workers = [*self.prefill_addresses, self.decode_address]
         self.router = Proc(
             pdrouter("router", "--port", str(hport), "--grpc-port", str(free_port()), "--model", model,
-                     "--worker", f"127.0.0.1:{pport}", "--worker", f"127.0.0.1:{dport}",
-                     "--local-prefill-max-tokens", "16"),
+                     *(arg for address in self.workers for arg in ("--worker", address)),
+                     "--local-prefill-max-tokens", "16", *router_args),
             tmp / "r.log",
         )  # fmt: skip
-        self.workers = [f"127.0.0.1:{pport}", f"127.0.0.1:{dport}"]
         self.base = f"http://127.0.0.1:{hport}"
         try:
             wait_http_ok(self.base + "/ready", self.router, 60)
             deadline = time.monotonic() + 30
-            while f"127.0.0.1:{pport} is healthy" not in self.router.log():  # NOTE: /ready needs decode only
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the router never saw the prefill worker")
-                time.sleep(0.05)  # readiness poll
+            for address in self.prefill_addresses:  # NOTE: /ready needs decode only
+                while f"{address} is healthy" not in self.router.log():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the router never saw the prefill worker {address}")
+                    time.sleep(0.05)  # readiness poll
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        for p in (self.router, self.prefill, self.decode):
+        for p in (self.router, *self.prefills, self.decode):
             p.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pdrouter_proto import worker_pb2 as pb
 from pdrouter_proto import worker_pb2_grpc as pb_grpc
 from router.breaker import Breaker
+from router.orchestrator import Orchestrator, _StreamBroke
 from router.worker_pool import WORKER_SERVICE, WorkerPool
 from tests.procs import free_port
 
@@ -101,3 +103,89 @@ async def test_pool_ejects_a_failing_worker_probes_it_and_readmits_it() -> None:
     finally:
         await pool.close()
         await server.stop(None)
+
+
+# What a failed worker call means for the worker's circuit breaker (Orchestrator._fault), every
+# gRPC code pinned: the worker's own faults count ("unreachable" ones open the breaker at once);
+# the client's mistakes, a deadline, cancellation and load shedding do not.
+C = grpc.StatusCode
+COUNTS_AGAINST_WORKER: dict[grpc.StatusCode, str | None] = {
+    C.OK: None,
+    C.CANCELLED: None,
+    C.UNKNOWN: "failure",
+    C.INVALID_ARGUMENT: None,
+    C.DEADLINE_EXCEEDED: None,
+    C.NOT_FOUND: None,
+    C.ALREADY_EXISTS: None,
+    C.PERMISSION_DENIED: None,
+    C.RESOURCE_EXHAUSTED: None,
+    C.FAILED_PRECONDITION: None,
+    C.ABORTED: None,
+    C.OUT_OF_RANGE: None,
+    C.UNIMPLEMENTED: None,
+    C.INTERNAL: "failure",
+    C.UNAVAILABLE: "unreachable",
+    C.DATA_LOSS: "failure",
+    C.UNAUTHENTICATED: None,
+}
+
+
+class _RecordingPool:
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, bool]] = []
+
+    def failed(self, worker, unreachable: bool = False) -> None:
+        self.calls.append((worker, unreachable))
+
+
+def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"{code.name} (test)")
+
+
+@pytest.mark.unit
+def test_every_grpc_code_is_classified() -> None:
+    assert set(COUNTS_AGAINST_WORKER) == set(grpc.StatusCode)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("code", list(COUNTS_AGAINST_WORKER), ids=lambda c: c.name)
+def test_failed_call_counts_against_the_worker_by_its_code(code: grpc.StatusCode) -> None:
+    pool = _RecordingPool()
+    orch = Orchestrator(SimpleNamespace(pool=pool), tokenizer=None)  # type: ignore[arg-type]
+    worker = object()
+    orch._fault(worker, _rpc_error(code))  # type: ignore[arg-type]
+    want = COUNTS_AGAINST_WORKER[code]
+    assert pool.calls == ([] if want is None else [(worker, want == "unreachable")])
+
+
+@pytest.mark.unit
+def test_a_stream_that_broke_counts_against_the_worker() -> None:
+    pool = _RecordingPool()
+    orch = Orchestrator(SimpleNamespace(pool=pool), tokenizer=None)  # type: ignore[arg-type]
+    orch._fault("w", _StreamBroke("ended the stream without completing"))  # type: ignore[arg-type]
+    assert pool.calls == [("w", False)]
+
+
+@pytest.mark.unit
+async def test_only_worker_faults_eject_a_worker_from_the_pool() -> None:
+    """Through the real pool and breaker (threshold 3): any number of calls failed by the client or
+    by load leave the worker in; three internal errors eject it; one UNAVAILABLE ejects it at once."""
+    pool = WorkerPool(["127.0.0.1:1", "127.0.0.1:2"], breaker_threshold=3, breaker_cooldown_s=60)
+    orch = Orchestrator(SimpleNamespace(pool=pool), tokenizer=None)  # type: ignore[arg-type]
+    a, b = pool.workers
+    a.healthy = b.healthy = True
+    try:
+        for code, counted in COUNTS_AGAINST_WORKER.items():
+            if counted is None:
+                for _ in range(5):
+                    orch._fault(a, _rpc_error(code))
+        assert a.healthy and a.breaker.failures == 0 and a.ejections == 0
+        orch._fault(a, _rpc_error(C.INTERNAL))
+        orch._fault(a, _rpc_error(C.DATA_LOSS))
+        assert a.healthy and a.breaker.failures == 2
+        orch._fault(a, _rpc_error(C.UNKNOWN))
+        assert not a.healthy and a.ejections == 1
+        orch._fault(b, _rpc_error(C.UNAVAILABLE))
+        assert not b.healthy and b.ejections == 1 and b.breaker.failures == 1
+    finally:
+        await pool.close()

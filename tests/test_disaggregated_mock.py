@@ -7,12 +7,15 @@ slot, so a pull that moved the wrong bytes or into the wrong blocks fails the re
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 
 import openai
 import pytest
 
+from tests import prom
 from tests.kv_helpers import route_workers, wait_for, worker_load
-from tests.procs import Stack
+from tests.procs import PrefillDecode, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -62,14 +65,61 @@ def test_disaggregated_route_pulls_the_prompt(client) -> None:
     assert worker_load(route["prefill"]).kv_transfer.handles_published >= 1
 
 
-def test_streaming_first_token_comes_from_the_prefill_worker(client) -> None:
-    stream = client.chat.completions.create(
-        model=MODEL, messages=_prompt(1), max_tokens=6, temperature=0, stream=True
+def _generated(pd: PrefillDecode, address: str) -> float:
+    return prom.value(
+        prom.scrape(pd.metrics_urls[address]), "pdrouter_worker_generated_tokens_total", worker=address
     )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-    full, route = _chat(client, _prompt(1), max_tokens=6)
-    assert text == full.choices[0].message.content
-    assert route["mode"] == "aggregated"  # the decode worker now holds the whole prompt
+
+
+def test_streaming_first_token_comes_from_the_prefill_worker(tmp_path, default_model_dir) -> None:
+    """The route names the prefill worker; it generated exactly one token for the request (the
+    first, published with its handle) and the decode worker, which pulled that handle, the rest;
+    the router's timeline has the prefill leg's answer; the tokens equal an aggregated run's."""
+    pd = PrefillDecode(tmp_path, default_model_dir, metrics=True)
+    try:
+        client = openai.OpenAI(base_url=pd.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prefill, decode = pd.prefill_addresses[0], pd.decode_address
+        before = {a: _generated(pd, a) for a in (prefill, decode)}
+        published = worker_load(prefill).kv_transfer.handles_published
+        pulls = worker_load(decode).kv_transfer.pulls
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=_prompt(1), max_tokens=6, temperature=0, stream=True, logprobs=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        route, request_id = route_workers(raw.headers["x-pdrouter-route"]), raw.headers["x-request-id"]
+        chunks = list(raw.parse())
+        tokens = [
+            t.token
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.content
+        ]
+        assert route == {"mode": "disaggregated", "prefill": prefill, "decode": decode}
+        assert chunks[-1].usage.completion_tokens == 6 and len(tokens) == 6
+
+        # every token generated for it: 1 by the prefill worker, 5 by the decode worker
+        assert _generated(pd, prefill) - before[prefill] == 1
+        assert _generated(pd, decode) - before[decode] == 5
+        assert worker_load(prefill).kv_transfer.handles_published == published + 1
+        wait_for(lambda: worker_load(decode).kv_transfer.pulls == pulls + 1, what="the decode worker's pull")
+        with urllib.request.urlopen(f"{pd.base}/debug/requests/{request_id}", timeout=10) as r:
+            tl = json.loads(r.read())
+        assert tl["mode"] == "disaggregated" and tl["route"] == raw.headers["x-pdrouter-route"]
+        assert {"prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms"} <= set(tl["worker"])
+
+        # the same prompt again: the decode worker holds it and generates all 6 itself
+        before_decode = _generated(pd, decode)
+        ref = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=_prompt(1), max_tokens=6, temperature=0, logprobs=True
+        )
+        assert route_workers(ref.headers["x-pdrouter-route"]) == {"mode": "aggregated", "decode": decode}
+        assert _generated(pd, decode) - before_decode == 6
+        ref_choice = ref.parse().choices[0]
+        assert tokens == [t.token for t in ref_choice.logprobs.content]  # the first one included
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == ref_choice.message.content
+    finally:
+        pd.stop()
 
 
 def test_100_concurrent_then_nothing_pinned_or_used(stack, client) -> None:

@@ -67,13 +67,20 @@ def test_greedy_chat_equals_transformers(hf_stack, hf_reference) -> None:
     assert ids[: len(ref_ids)] == ref_ids
 
 
-def test_token_prompt_completion_matches(hf_stack, hf_reference) -> None:
+def test_token_prompt_completion_matches(hf_stack, hf_reference, default_model_dir) -> None:
+    """/v1/completions with the chat prompt as token ids: the same tokens as transformers' greedy
+    `generate` on those ids (up to 8, its end-of-sequence token included), one by one and as text."""
     import openai
+    from transformers import AutoTokenizer
 
-    prompt_ids, _, _ = hf_reference
+    prompt_ids, ref_ids, _ = hf_reference
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    want = (ref_ids + [eos])[:8]  # NOTE: the reference stopped before eos; an answer under 8 ends with it
     client = openai.OpenAI(base_url=hf_stack.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
     r = client.completions.create(model="default", prompt=prompt_ids, max_tokens=8, temperature=0, logprobs=2)
-    assert (r.choices[0].logprobs.tokens and len(r.choices[0].logprobs.token_logprobs) == 8) or r.choices[
-        0
-    ].finish_reason == "stop"
-    assert r.usage.prompt_tokens == len(prompt_ids)
+    choice = r.choices[0]
+    assert choice.finish_reason == ("length" if len(ref_ids) >= 8 else "stop")
+    assert r.usage.completion_tokens == len(want) and r.usage.prompt_tokens == len(prompt_ids)
+    assert choice.logprobs.tokens == [tok.decode([t]) for t in want]
+    assert choice.text == tok.decode(want, skip_special_tokens=True)

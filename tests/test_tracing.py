@@ -145,7 +145,7 @@ def test_one_trace_across_three_processes_with_a_token_event_per_token(stack, co
 def test_a_200_token_answer_exports_200_token_events(stack, collector) -> None:
     """Past the SDK's default of 128 events per span: every token, the first one included."""
     trace_id = "5c0ffee0000000000000000000000200"
-    headers, _ = _chat(stack, "trace-200", 200, f"00-{trace_id}-{CALLER_SPAN}-01")
+    _chat(stack, "trace-200", 200, f"00-{trace_id}-{CALLER_SPAN}-01")
     spans = _wait_spans(collector, trace_id, lambda s: any(x.name == "request" for _, x in s))
     root = next(s for _, s in spans if s.name == "request")
     events = [e for e in root.events if e.name == "token"]

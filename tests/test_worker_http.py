@@ -13,6 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests import prom
 from tests.procs import Proc, free_port, pdrouter
 
 pytestmark = pytest.mark.integration
@@ -178,10 +179,34 @@ def test_openai_client_raises_typed_errors(client) -> None:
 
 
 def test_health_ready_metrics(worker) -> None:
+    """/metrics counts exactly the requests this test sends, by endpoint, status and mode, and
+    their tokens; the worker it serves from shows healthy."""
     for path in ("/health", "/ready"):
         assert _request(worker.url() + path)[0] == 200
-    status, _, text = _request(worker.url() + "/metrics")
-    assert status == 200 and b'pdrouter_worker_healthy{role="both",worker="127.0.0.1:' in text
+    chat = "/v1/chat/completions"
+    ok = {"endpoint": chat, "status": "200", "mode": "aggregated"}
+    bad = {"endpoint": chat, "status": "400", "mode": "none"}  # refused before any route
+    before = prom.scrape(worker.url() + "/metrics")
+    for _ in range(3):
+        body = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": 4}).encode()
+        assert _request(worker.url() + chat, body)[0] == 200
+    body = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": 0}).encode()
+    assert _request(worker.url() + chat, body)[0] == 400
+    status, _, raw = _request(worker.url() + "/metrics")
+    after = raw.decode()
+    assert status == 200
+
+    def moved(name: str, **labels: str) -> float:
+        return prom.value(after, name, **labels) - prom.value(before, name, **labels)
+
+    assert moved("pdrouter_requests_total", **ok) == 3
+    assert moved("pdrouter_requests_total", **bad) == 1
+    assert moved("pdrouter_output_tokens_total") == 3 * 4
+    assert moved("pdrouter_routing_decisions_total", mode="aggregated") == 3
+    worker_id = f"127.0.0.1:{worker.port}"
+    assert prom.samples(after, "pdrouter_worker_healthy") == {
+        frozenset({"role": "both", "worker": worker_id}.items()): 1.0
+    }
 
 
 def test_two_workers_two_http_ports(tmp_path: Path, default_model_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """Interference: decode ITL while long prompts keep arriving, aggregated vs disaggregated.
 
-    python -m bench.interference [--quick] [--engine hf|mock]
+    python -m bench.interference [--quick] [--engine hf|mock] [--rounds N]
 
 The same two workers on the real model, laid out two ways: `--both 2` (aggregated: every
 worker prefills and decodes) and `--prefill 1 --decode 1` (disaggregated). In each, a few
@@ -9,6 +9,16 @@ arrive at a steady rate; every chat token's inter-token latency is recorded by t
 the aggregated layout a long prompt's prefill chunks share steps with the decodes and stall
 them; disaggregated, the decode worker never prefills a long prompt. Goal: disaggregated ITL
 p99 <= 1.5x its p50.
+
+Both stacks are up at once, as in bench.pareto, and the layouts alternate as in bench.engine: N
+rounds (default 3 of 30 s; `--quick` 2 of 15 s), each layout once per round, the order swapped
+every round, so load from other processes on a shared machine spreads over both layouts instead
+of landing on one. Unlike bench.engine's best round, each layout's p50 and p99 are over the ITL
+samples of all its rounds pooled (as bench.overhead pools its rounds): the stalls this bench
+measures are a handful of gaps per round, right at a round's 1% tail, so a best (lowest-p99)
+round would be the one where the fewest stalls happened to land, not the least disturbed one.
+The table also gives each round's p99/p50. Every long prompt in a stack's life is a new
+document, so none hits the prefix cache (the warm-up's included).
 """
 
 from __future__ import annotations
@@ -43,7 +53,8 @@ def long_prompt(k: int) -> str:
     return f"document {k}: " + " ".join(_WORDS[(j * (k + 7) + k) % n] for j in range(LONG_WORDS))
 
 
-async def run(base: str, seconds: float, long_every_s: float) -> dict:
+async def run(base: str, seconds: float, long_every_s: float, first_doc: int, tag: str) -> dict:
+    """One measurement on one stack; long prompts are documents `first_doc`, `first_doc + 1`, ..."""
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=300)
     gaps: list[float] = []
     longs = 0
@@ -55,7 +66,7 @@ async def run(base: str, seconds: float, long_every_s: float) -> dict:
         while not stop.is_set():
             n += 1
             stream = await client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": f"chat {i}.{n}: tell me a story"}],
+                model="default", messages=[{"role": "user", "content": f"chat {tag}.{i}.{n}: tell a story"}],
                 max_tokens=CHAT_TOKENS, stream=True, extra_body={"ignore_eos": True},
             )  # fmt: skip
             last = None
@@ -74,9 +85,8 @@ async def run(base: str, seconds: float, long_every_s: float) -> dict:
 
     async def long_prompts() -> None:
         nonlocal longs
-        k = 0
+        k = first_doc
         while not stop.is_set():
-            k += 1
             task = asyncio.ensure_future(
                 client.chat.completions.create(
                     model="default", messages=[{"role": "user", "content": long_prompt(k)}], max_tokens=1
@@ -86,6 +96,7 @@ async def run(base: str, seconds: float, long_every_s: float) -> dict:
             pending.add(task)
             task.add_done_callback(pending.discard)
             longs += 1
+            k += 1
             with contextlib.suppress(TimeoutError):  # NOTE: the arrival schedule, cut short by stop
                 await asyncio.wait_for(stop.wait(), long_every_s)
 
@@ -100,7 +111,35 @@ async def run(base: str, seconds: float, long_every_s: float) -> dict:
     if errors:  # NOTE: a refused long prompt would make the layouts look better than they are
         raise SystemExit(f"bench.interference: {len(errors)} requests failed, first: {errors[0]}")
     return {"itl_p50_ms": pct(gaps, 50) * 1e3, "itl_p99_ms": pct(gaps, 99) * 1e3, "tokens": len(gaps),
-            "long_prompts": longs}  # fmt: skip
+            "long_prompts": longs, "gaps": gaps}  # fmt: skip
+
+
+class Layout:
+    """One layout's stack, up for the whole run; `measure` runs one round on it."""
+
+    def __init__(self, name: str, flags: list[str], tmp: Path, engine: str, extra: list[str]) -> None:
+        self.name = name
+        self.stack = Stack(tmp, *flags, *extra, engine=engine, timeout=300)
+        self.docs = 0  # long prompts sent so far: the next round's documents start after them
+        self.rounds: list[dict] = []  # per round, without its samples
+        self.gaps: list[float] = []  # every measured round's ITL samples, pooled
+
+    def pooled(self) -> dict:
+        longs = sum(r["long_prompts"] for r in self.rounds)
+        return {"itl_p50_ms": pct(self.gaps, 50) * 1e3, "itl_p99_ms": pct(self.gaps, 99) * 1e3,
+                "tokens": len(self.gaps), "long_prompts": longs}  # fmt: skip
+
+    def measure(self, seconds: float, long_every_s: float, tag: str) -> dict:
+        try:
+            r = asyncio.run(run(self.stack.base_url, seconds, long_every_s, self.docs, tag))
+        except SystemExit as exc:  # NOTE: the stack's log says why a request failed
+            raise SystemExit(f"{exc} ({self.name}, {tag})\n{self.stack.proc.log()[-4000:]}") from None
+        self.docs += r["long_prompts"]
+        gaps = r.pop("gaps")
+        if tag != "warm-up":
+            self.gaps += gaps
+            self.rounds.append(r)
+        return r
 
 
 def main() -> None:
@@ -108,19 +147,27 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--engine", choices=["hf", "mock"], default="hf")
     ap.add_argument("--long-every-s", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=0, help="alternating rounds (default 3; quick 2)")
     args = ap.parse_args()
-    seconds = 25 if args.quick else 90
-    layouts = {"aggregated": ["--both", "2"], "disaggregated": ["--prefill", "1", "--decode", "1"]}
+    rounds = args.rounds or (2 if args.quick else 3)
+    seconds = 15 if args.quick else 30  # per layout per round
+    flags = {"aggregated": ["--both", "2"], "disaggregated": ["--prefill", "1", "--decode", "1"]}
     extra = [] if args.engine == "hf" else ["--worker-arg=--mock-timing=20,1,0,20,1,0"]
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="pdrouter-interference-") as tmp:
-        for name, layout in layouts.items():
-            stack = Stack(Path(tmp), *layout, *extra, engine=args.engine, timeout=300)
-            try:
-                asyncio.run(run(stack.base_url, 3, 10))  # warm-up
-                results[name] = asyncio.run(run(stack.base_url, seconds, args.long_every_s))
-            finally:
-                stack.stop()
+    tmpdir = tempfile.TemporaryDirectory(prefix="pdrouter-interference-")
+    with tmpdir as tmp, contextlib.ExitStack() as stacks:
+        layouts = []
+        for name, layout_flags in flags.items():
+            layouts.append(Layout(name, layout_flags, Path(tmp), args.engine, extra))
+            stacks.callback(layouts[-1].stack.stop)
+        for layout in layouts:
+            layout.measure(3, 10, "warm-up")
+        for r in range(rounds):
+            for layout in layouts if r % 2 == 0 else layouts[::-1]:
+                last = layout.measure(seconds, args.long_every_s, f"r{r}")
+                print(f"round {r + 1}/{rounds}: {layout.name} itl p50 {last['itl_p50_ms']:.1f} ms, "
+                      f"p99 {last['itl_p99_ms']:.1f} ms", flush=True)  # fmt: skip
+    results = {layout.name: layout.pooled() for layout in layouts}
+    spread = {layout.name: [m["itl_p99_ms"] / m["itl_p50_ms"] for m in layout.rounds] for layout in layouts}
     rows = [
         [
             name,
@@ -129,20 +176,28 @@ def main() -> None:
             r["itl_p50_ms"],
             r["itl_p99_ms"],
             r["itl_p99_ms"] / r["itl_p50_ms"],
+            ", ".join(f"{v:.2f}" for v in spread[name]),
         ]
         for name, r in results.items()
     ]
     print(f"{CHATS} chat streams decoding while ~1,500-token prompts arrive every {args.long_every_s:g} s, "
-          f"{seconds} s per layout, 2 {args.engine} workers")  # fmt: skip
-    print(table(["layout", "itl samples", "long prompts", "itl_p50_ms", "itl_p99_ms", "p99/p50"], rows))
+          f"{rounds} alternating rounds of {seconds} s per layout, ITL samples of all rounds pooled, "
+          f"2 {args.engine} workers")  # fmt: skip
+    headers = ["layout", "itl samples", "long prompts", "itl_p50_ms", "itl_p99_ms", "p99/p50"]
+    headers.append("p99/p50 per round")
+    print(table(headers, rows))
     d, a = results["disaggregated"], results["aggregated"]
     figures = {
         "disagg_itl_p99_over_p50": round(d["itl_p99_ms"] / d["itl_p50_ms"], 2),
         "agg_itl_p99_over_p50": round(a["itl_p99_ms"] / a["itl_p50_ms"], 2),
         "itl_p99_ms_disagg": round(d["itl_p99_ms"], 1),
         "itl_p99_ms_agg": round(a["itl_p99_ms"], 1),
+        "rounds": rounds,
     }
-    path = save("interference", {"quick": args.quick, "engine": args.engine, "results": results, **figures})
+    rounds_out = {layout.name: layout.rounds for layout in layouts}
+    payload = {"quick": args.quick, "engine": args.engine, "seconds_per_round": seconds, "results": results,
+               "rounds_by_layout": rounds_out, **figures}  # fmt: skip
+    path = save("interference", payload)
     print(f"wrote {path}")
     headline(figures)
 

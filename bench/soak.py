@@ -3,11 +3,19 @@
     python -m bench.soak [--quick] [--minutes M] [--rate R]
 
 One router over one prefill and two decode mock workers (disaggregated: long prompts), each
-started as its own process. Poisson arrivals at `--rate` req/s of streaming chat requests; a
-fifth of them are cancelled by the client after a few tokens; half-way through, one decode
-worker is killed with SIGKILL and started again on the same port (its streams migrate). Reports
-requests lost (neither completed nor cancelled by us: the goal is 0), errors by kind, latency
-percentiles, and the router's RSS over time. `--quick`: one minute.
+started as its own process. Poisson arrivals at `--rate` req/s of streaming chat requests
+(`max_tokens` 32, `ignore_eos`, `logprobs`, usage included); a fifth of them are cancelled by
+the client after a few chunks; half-way through, one decode worker is killed with SIGKILL and
+started again on the same port (its streams migrate).
+
+Every stream the client did not cancel is checked: it completed only if it ended with
+finish_reason "length" after exactly `max_tokens` tokens, or with finish_reason "stop" after at
+most `max_tokens` (a legitimate stop; with `ignore_eos` and no stop strings none is expected), the
+tokens counted on the client (one logprobs entry per token) and agreeing with the final usage
+chunk. Anything else (no finish_reason, an early end, a wrong count, no usage) is a broken
+stream. Lost = errors (the request raised) + broken streams: the goal is 0. Also reports latency
+percentiles of completed requests and the router's RSS over time. Default 5 minutes;
+`--quick`: 45 s.
 """
 
 from __future__ import annotations
@@ -26,6 +34,23 @@ from bench.common import headline, pct, save, table
 from tests.kv_helpers import worker_load
 from tests.procs import Proc, free_port, pdrouter, rss_kib, wait_http_ok
 from workers.model_files import resolve_model
+
+MAX_TOKENS = 32
+
+
+def check_stream(finish: str | None, tokens: int, usage_tokens: int | None) -> str:
+    """The outcome of a stream that ran to its end: "completed ..." or "broken: why"."""
+    if finish is None:
+        return "broken: no finish_reason"
+    if usage_tokens is None:
+        return "broken: no usage chunk"
+    if usage_tokens != tokens:
+        return "broken: usage disagrees with tokens received"
+    if finish == "length":
+        return "completed" if tokens == MAX_TOKENS else "broken: wrong token count"
+    if finish == "stop":
+        return "completed (stop)" if 0 < tokens <= MAX_TOKENS else "broken: wrong token count"
+    return f"broken: finish_reason {finish}"
 
 
 class Fleet:
@@ -73,19 +98,29 @@ async def soak(fleet: Fleet, seconds: float, rate: float, seed: int) -> dict:
         try:
             stream = await client.chat.completions.create(
                 model="default", messages=[{"role": "user", "content": f"soak {seed} {i} " + "w " * 60}],
-                max_tokens=32, stream=True, extra_body={"ignore_eos": True},
+                max_tokens=MAX_TOKENS, stream=True, logprobs=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
             )  # fmt: skip
-            n = 0
+            chunks = tokens = 0
+            finish: str | None = None
+            usage_tokens: int | None = None
             async for chunk in stream:
-                n += 1
-                if cancel_after is not None and n >= cancel_after:
+                chunks += 1
+                if cancel_after is not None and chunks >= cancel_after and finish is None:
                     await stream.close()
                     outcomes["cancelled by client"] += 1
                     return
-                if chunk.choices and chunk.choices[0].finish_reason:
-                    break
-            outcomes["completed"] += 1
-            latencies.append(time.perf_counter() - start)
+                if chunk.usage is not None:
+                    usage_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.logprobs is not None and choice.logprobs.content:
+                        tokens += len(choice.logprobs.content)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+            verdict = check_stream(finish, tokens, usage_tokens)
+            outcomes[verdict] += 1
+            if verdict.startswith("completed"):
+                latencies.append(time.perf_counter() - start)
         except openai.APIStatusError as e:
             outcomes[f"error {e.status_code}"] += 1
         except Exception as e:
@@ -94,6 +129,7 @@ async def soak(fleet: Fleet, seconds: float, rate: float, seed: int) -> dict:
     restarted = False
     i = 0
     next_sample = 0.0
+    arrival = 0.0  # NOTE: an absolute schedule: a late wake-up does not lower the rate sent
     while (now := time.perf_counter() - t0) < seconds:
         if now >= next_sample:
             rss.append((round(now, 1), round(rss_kib(fleet.router.pid) / 1024, 1)))
@@ -104,7 +140,8 @@ async def soak(fleet: Fleet, seconds: float, rate: float, seed: int) -> dict:
         cancel = rng.randint(2, 10) if rng.random() < 0.2 else None
         tasks.append(asyncio.create_task(one(i, cancel)))
         i += 1
-        await asyncio.sleep(rng.expovariate(rate))
+        arrival += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, arrival - (time.perf_counter() - t0)))
     await asyncio.gather(*tasks)
     await client.close()
     rss.append((round(time.perf_counter() - t0, 1), round(rss_kib(fleet.router.pid) / 1024, 1)))
@@ -128,21 +165,29 @@ def main() -> None:
         finally:
             fleet.stop()
     out = result["outcomes"]
-    lost = sum(v for k, v in out.items() if k.startswith("error"))
+    errors = sum(v for k, v in out.items() if k.startswith("error"))
+    broken = sum(v for k, v in out.items() if k.startswith("broken"))
     lat = result["latencies"]
     used = sum(ld.kv_blocks_used for ld in leftovers.values())
     pinned = sum(ld.kv_transfer.handles_pinned for ld in leftovers.values())
-    print(f"{seconds:g} s at {args.rate:g} req/s, 20% cancelled by the client, decode-a restarted half-way")
+    print(f"{seconds:g} s at {args.rate:g} req/s ({result['sent'] / seconds:.1f} sent per s), 20% cancelled "
+          f"by the client, decode-a restarted half-way; completed = finish_reason length with exactly "
+          f"{MAX_TOKENS} tokens (or stop)")  # fmt: skip
     print(table(["outcome", "requests"], [[k, v] for k, v in sorted(out.items())]))
-    print(f"e2e latency: p50 {pct(lat, 50) * 1e3:.0f} ms, p99 {pct(lat, 99) * 1e3:.0f} ms")
+    print(f"lost: {errors + broken} ({errors} errors, {broken} broken streams)")
+    print(f"e2e latency of completed: p50 {pct(lat, 50) * 1e3:.0f} ms, p99 {pct(lat, 99) * 1e3:.0f} ms")
     print("router RSS MiB over time: " + ", ".join(f"{t:g}s {m:g}" for t, m in result["rss"]))
     print(f"afterwards: {used} KV blocks used, {pinned} handles pinned")
     rss = [m for _, m in result["rss"]]
     figures = {
         "sent": result["sent"],
-        "completed": out.get("completed", 0),
+        "sent_per_s": round(result["sent"] / seconds, 1),
+        "completed": sum(v for k, v in out.items() if k.startswith("completed")),
+        "completed_stop": out.get("completed (stop)", 0),
         "cancelled_by_client": out.get("cancelled by client", 0),
-        "lost": lost,
+        "lost": errors + broken,
+        "errors": errors,
+        "broken_streams": broken,
         "p99_e2e_ms": round(pct(lat, 99) * 1e3, 1),
         "rss_start_mib": rss[0],
         "rss_end_mib": rss[-1],

@@ -13,7 +13,7 @@ Reported at 8, 64 and 256 workers, 1k-token (64-block) and 8k-token (512-block) 
 p50/p99 of `Decision.decision_us` (KvPolicy.select: index lookup + cost), of `overlaps()`
 alone, and of `pick_decode` reusing the prefill Decision's overlaps; plus the cost of folding
 KV events in (`KvIndex.store`) and the approximate index's record + lookup.
-Goals: well under 1 ms at 256 workers (DESIGN.md); p99 <= 200 us at 256 workers for the 1k-token
+Goals: well under 1 ms at 256 workers (docs/routing.md); p99 <= 200 us at 256 workers for the 1k-token
 prompt of the routing workload (bench.routing).
 """
 

@@ -3,7 +3,8 @@
 Plan: hash the prompt's blocks -> pick the decode worker (load, plus a bonus for blocks it
 already holds) -> if the tokens it would still have to compute are few, or no prefill
 worker is healthy, it prefills locally (aggregated) -> else pick the prefill worker by
-DESIGN.md's cost -> book the expected load on both, so a burst does not pile onto one.
+Dynamo's KV-router cost (docs/routing.md) -> book the expected load on both, so a burst does
+not pile onto one.
 """
 
 from __future__ import annotations

@@ -229,14 +229,14 @@ def pick_decode(
 
 
 class KvPolicy:
-    """Prefill choice by DESIGN.md's cost (Dynamo's form), with two refinements.
+    """Prefill choice by Dynamo's KV-router cost (docs/routing.md), with two refinements.
 
     queued(w) = active_prefill_tokens(w) / block_size
     new(w) = (prompt_tokens - overlap(w) * block_size) / block_size     this request's own prefill
     new_blocks(w) = ceil(prompt_tokens / block_size) - overlap(w)        the KV it would add to w
     cost(w) = queued(w) + overlap_weight * new(w) + active_decode_blocks(w) + new_blocks(w)
 
-    With overlap_weight 1 this is DESIGN.md's cost plus new_blocks (Dynamo's "potential" active
+    With overlap_weight 1 this is Dynamo's cost plus new_blocks (Dynamo's "potential" active
     blocks: a shared prefix already held costs nothing again). The weight applies to the
     request's own prefill only, not to other requests' queued prefill: a prefix holder that is
     busy for a moment must still beat an idle worker that would compute the whole prefix (and

@@ -4,7 +4,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/pdrouter_proto/*.proto)
 
-.PHONY: setup system-tools serve test lint format proto bench clean
+.PHONY: setup system-tools serve test lint format proto bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,10 @@ proto: setup
 
 bench: setup
 	$(VPY) -m bench.overhead --quick
+
+# The prepared check for a machine with one NVIDIA GPU (<= 8 min); every step SKIPs without one.
+gpu-check: setup
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

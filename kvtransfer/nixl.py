@@ -14,6 +14,7 @@ Install: `pip install --no-deps nixl-cu12` (the `nixl` meta-package pulls CUDA t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 MODULES = ("nixl_cu12", "nixl_cu13", "nixl")
 MAX_PEERS = 64  # remote agents kept loaded (least recently used dropped)
 PROGRESS_S = 0.02  # how often the agent progresses when nothing else calls it
+READERS = 2  # concurrent reads a big pull is split into (and agent threads, and UCX workers)
+SPLIT_MIN_BYTES = 64 << 20
 _INIT = "NIXL_INIT_AGENT"
 T = TypeVar("T")
 
@@ -116,11 +119,12 @@ class NixlTransport(OneSidedTransport):
         # NOTE: NIXL's own progress thread polls without pause (~0.45 of a core per idle worker,
         # measured); ours progresses every PROGRESS_S instead (~0.6% of a core), which is all a
         # peer's connection set-up needs from us: reads themselves are one-sided
-        strict = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
-        config = nixl.nixl_agent_config(enable_prog_thread=False, backends=["UCX"], sync_mode=strict)
+        # NOTE: RW sync lets two reads run at once (a big pull is split in two: one host's
+        # process_vm_readv runs at ~0.5 of a memcpy alone, ~0.8-1.0 as two); UCX gets a worker each
+        rw = nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW
+        config = nixl.nixl_agent_config(enable_prog_thread=False, backends=[], sync_mode=rw)
         self.agent = nixl.nixl_agent(self.name, config)
-        if "UCX" not in self.agent.backends:
-            raise TransferError("NIXL has no UCX backend here")
+        self.agent.create_backend("UCX", {"num_workers": str(READERS)})
         base, self.mem_type, self.device_id = _where(dst_pool)
         self.base = base
         nbytes = dst_pool.num_blocks * dst_pool.block_bytes
@@ -129,7 +133,8 @@ class NixlTransport(OneSidedTransport):
         self._local = self.agent.prep_xfer_dlist(_INIT, descs, self.mem_type)
         self.metadata: bytes = self.agent.get_agent_metadata()
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="nixl")
+        self._thread = ThreadPoolExecutor(READERS, thread_name_prefix="nixl")
+        self._peers_lock = threading.Lock()
         self._stop = threading.Event()
         self._progress = threading.Thread(target=self._progress_forever, name="nixl-progress", daemon=True)
         self._progress.start()
@@ -162,21 +167,28 @@ class NixlTransport(OneSidedTransport):
         deadline = time.monotonic() + self.timeout_s + nbytes / self.min_bytes_per_s
         src = np.asarray(src_block_ids, dtype=np.int32)
         dst = np.asarray(dst_block_ids, dtype=np.int32)
-        state = await self._call(lambda abort: self._read(peer, src, dst, deadline, abort))
-        if state != "DONE":
+        parts = READERS if nbytes >= SPLIT_MIN_BYTES and len(src) >= READERS else 1
+        states = await asyncio.gather(*(
+            self._call(lambda abort, s=s, d=d: self._read(peer, s, d, deadline, abort))
+            for s, d in zip(np.array_split(src, parts), np.array_split(dst, parts))
+        ))  # fmt: skip
+        failed = next((state for state in states if state != "DONE"), None)
+        if failed is not None:
             await self._call(lambda _: self._forget(source.agent))
-            raise TransferError(f"NIXL read from {source.agent} failed: {state}")
+            raise TransferError(f"NIXL read from {source.agent} failed: {failed}")
 
     async def _call(self, fn: Callable[[threading.Event], T]) -> T:
-        """Run `fn` on the agent's own thread: NIXL posts a same-host read synchronously (150 ms
-        for 189 MB here) with the GIL released, so never on the event loop's thread."""
+        """Run `fn` on an agent thread: NIXL posts a same-host read synchronously (150 ms for
+        189 MB here) with the GIL released, so never on the event loop's thread."""
         return await run_to_end(fn, self._thread)
 
     def _read(self, peer: _Peer, src: np.ndarray, dst: np.ndarray, deadline: float, abort) -> str:
         """One READ of all block pairs, waited for (agent thread). On abort or past the deadline
         it still waits (bounded) until NIXL lets go of the destination blocks."""
         try:
-            xfer = self.agent.make_prepped_xfer("READ", self._local, dst, peer.blocks, src)
+            xfer = self.agent.make_prepped_xfer(
+                "READ", self._local, dst, peer.blocks, src, skip_desc_merge=True
+            )
         except Exception as exc:
             return f"could not set up the read ({exc})"
         try:
@@ -206,6 +218,10 @@ class NixlTransport(OneSidedTransport):
 
     def _peer(self, source: NixlSource, num_blocks: int) -> _Peer:
         """The peer's loaded metadata and block list, connected (agent thread)."""
+        with self._peers_lock:
+            return self._load_peer(source, num_blocks)
+
+    def _load_peer(self, source: NixlSource, num_blocks: int) -> _Peer:
         peer = self._peers.get(source.agent)
         if peer is not None:
             self._peers.move_to_end(source.agent)
@@ -220,11 +236,15 @@ class NixlTransport(OneSidedTransport):
             raise TransferError(f"NIXL could not load agent {source.agent}: {exc}") from exc
         peer = self._peers[source.agent] = _Peer(name, blocks)
         while len(self._peers) > MAX_PEERS:
-            self._forget(next(iter(self._peers)))
+            self._drop_peer(next(iter(self._peers)))
         return peer
 
     def _forget(self, agent: str) -> None:
         """Drop a peer (gone, or evicted); a later handle from it loads it again (agent thread)."""
+        with self._peers_lock:
+            self._drop_peer(agent)
+
+    def _drop_peer(self, agent: str) -> None:
         peer = self._peers.pop(agent, None)
         if peer is None:
             return
@@ -236,7 +256,7 @@ class NixlTransport(OneSidedTransport):
     async def close(self) -> None:
         def drop(_) -> None:
             for agent in list(self._peers):
-                self._forget(agent)
+                self._forget(agent)  # NOTE: takes the lock per peer
             with contextlib.suppress(Exception):
                 self._local.release()
             with contextlib.suppress(Exception):

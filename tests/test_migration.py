@@ -10,8 +10,8 @@ import urllib.request
 import openai
 import pytest
 
-from tests.kv_helpers import route_workers
 from tests.procs import Proc, free_port, pdrouter, wait_http_ok
+from tests.streams import run_streams
 
 pytestmark = pytest.mark.integration
 
@@ -52,39 +52,11 @@ def _start(tmp_path, default_model_dir, *router_args: str) -> tuple[dict[str, Pr
 
 
 async def _streams(base: str, kill=None) -> list[tuple[str, int, str]]:
-    """STREAMS greedy streams; `kill(routes)` runs once every stream has a few tokens."""
-    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
-    started = asyncio.Event()
-    progress = [0] * STREAMS
-    routes = [""] * STREAMS
-
-    async def one(i: int) -> tuple[str, int, str]:
-        raw = await client.chat.completions.with_raw_response.create(
-            model="default", messages=[{"role": "user", "content": f"stream {i} about migration"}],
-            max_tokens=TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        routes[i] = route_workers(raw.headers["x-pdrouter-route"])["decode"]
-        text, tokens, finish = [], 0, ""
-        async for chunk in raw.parse():
-            if chunk.choices:
-                text.append(chunk.choices[0].delta.content or "")
-                progress[i] += 1
-                finish = chunk.choices[0].finish_reason or finish
-                if all(p >= 4 for p in progress):
-                    started.set()
-            if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-        return "".join(text), tokens, finish
-
-    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
-    try:
-        if kill is not None:
-            await asyncio.wait_for(started.wait(), 60)
-            kill(routes)
-        return await asyncio.gather(*tasks)
-    finally:
-        await client.close()
+    """STREAMS greedy streams; `kill(decode workers)` runs once every stream has a few tokens."""
+    prompts = [f"stream {i} about migration" for i in range(STREAMS)]
+    during = None if kill is None else (lambda routes: kill([r["decode"] for r in routes]))
+    streams, _ = await run_streams(base, prompts, TOKENS, during, min_chunks=4)
+    return [(s.text, s.tokens, s.finish) for s in streams]
 
 
 def test_killed_decode_worker_streams_migrate_and_match(tmp_path, default_model_dir) -> None:

@@ -16,12 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import openai
 import pytest
 
 from router.serve import RestartBudget, Stack
 from tests.kv_helpers import route_workers, wait_for, worker_load
 from tests.procs import Stack as ServeStack
+from tests.streams import Stream, run_streams
 
 STREAMS = 10
 TOKENS = 100
@@ -198,43 +198,10 @@ def _chat(base: str, content: str) -> tuple[int, dict[str, str]]:
         return e.code, {}
 
 
-async def _streams_with_kill(base: str, kill) -> tuple[list[tuple[str, int, str]], list[int]]:
+async def _streams_with_kill(base: str, kill) -> tuple[list[Stream], list[int]]:
     """STREAMS streams of TOKENS tokens; `kill(routes)` runs (in a thread) once every stream has
-    tokens. Returns (route, completion tokens, finish reason) per stream, and each stream's
-    progress when the kill happened."""
-    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
-    started = asyncio.Event()
-    progress = [0] * STREAMS
-    routes = [""] * STREAMS
-
-    async def one(i: int) -> tuple[str, int, str]:
-        raw = await client.chat.completions.with_raw_response.create(
-            model="default", messages=[{"role": "user", "content": f"{i} {PROMPT}"}],
-            max_tokens=TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        routes[i] = raw.headers["x-pdrouter-route"]
-        tokens, finish = 0, ""
-        async for chunk in raw.parse():
-            if chunk.choices:
-                progress[i] += 1
-                finish = chunk.choices[0].finish_reason or finish
-                if all(p >= 2 for p in progress):
-                    started.set()
-            if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-        return routes[i], tokens, finish
-
-    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
-    try:
-        await asyncio.wait_for(started.wait(), 60)
-        at_kill = list(progress)
-        await asyncio.to_thread(kill, list(routes))
-        return await asyncio.gather(*tasks), at_kill
-    finally:
-        for t in tasks:
-            t.cancel()
-        await client.close()
+    tokens. Returns the streams, and each one's progress when the kill happened."""
+    return await run_streams(base, [f"{i} {PROMPT}" for i in range(STREAMS)], TOKENS, kill)
 
 
 @pytest.mark.integration
@@ -261,17 +228,17 @@ def test_a_killed_worker_is_restarted_and_the_stack_keeps_serving(
         assert all(_segments(pid) for pid in owners)  # NOTE: their KV pools are in shared memory
         killed: dict[str, object] = {}
 
-        def kill(routes: list[str]) -> None:
-            victim = route_workers(routes[0])[victim_role]  # NOTE: a worker with streams in flight
+        def kill(routes: list[dict[str, str]]) -> None:
+            victim = routes[0][victim_role]  # NOTE: a worker with streams in flight
             killed.update(address=victim, pid=before[victim], routes=routes)
             os.kill(before[victim], signal.SIGKILL)
 
         results, at_kill = asyncio.run(_streams_with_kill(stack.base_url, kill))
         victim, old_pid = killed["address"], killed["pid"]
-        on_victim = [i for i, r in enumerate(killed["routes"]) if route_workers(r)[victim_role] == victim]
+        on_victim = [i for i, r in enumerate(killed["routes"]) if r[victim_role] == victim]
         if victim_role == "decode":  # NOTE: its streams were cut mid-way and migrated
             assert any(at_kill[i] < TOKENS for i in on_victim), (at_kill, on_victim)
-        assert [(t, f) for _, t, f in results] == [(TOKENS, "length")] * STREAMS, serve.log()[-3000:]
+        assert [(s.tokens, s.finish) for s in results] == [(TOKENS, "length")] * STREAMS, serve.log()[-3000:]
 
         # the stack still serves while (and after) the worker restarts
         assert [_chat(stack.base_url, f"during {i}")[0] for i in range(4)] == [200] * 4

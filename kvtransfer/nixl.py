@@ -96,6 +96,8 @@ class NixlTransport(OneSidedTransport):
 
     @classmethod
     def create(cls, setup, control: Control) -> NixlTransport:
+        if setup.tls is not None:  # NOTE: with mutual TLS, KV leaves a host only through TLS
+            raise TransferError("off with mutual TLS (NIXL/UCX does not encrypt)")
         return cls(setup.pool, control, setup.compat_hash, name=setup.name)
 
     def __init__(
@@ -196,8 +198,8 @@ class NixlTransport(OneSidedTransport):
             delay = 0.0
             while state == "PROC":
                 if time.monotonic() > deadline or abort.is_set():
-                    state = self._settle(xfer)
-                    return "timed out" if state != "ABORTED" else "aborted"
+                    self._settle(xfer)
+                    return "aborted" if abort.is_set() else "timed out"
                 time.sleep(delay)
                 delay = min(0.001, delay * 2 or 0.00002)
                 state = self.agent.check_xfer_state(xfer)
@@ -208,13 +210,12 @@ class NixlTransport(OneSidedTransport):
             with contextlib.suppress(Exception):
                 xfer.release()
 
-    def _settle(self, xfer) -> str:
+    def _settle(self, xfer) -> None:
         """Wait (at most 5 s) for an abandoned read to stop writing our blocks."""
         end = time.monotonic() + 5.0
         with contextlib.suppress(Exception):
             while self.agent.check_xfer_state(xfer) == "PROC" and time.monotonic() < end:
                 time.sleep(0.0005)
-        return "ABORTED"
 
     def _peer(self, source: NixlSource, num_blocks: int) -> _Peer:
         """The peer's loaded metadata and block list, connected (agent thread)."""

@@ -5,6 +5,7 @@ handle cannot be pulled at all). In-process only: no peers, no pulls."""
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -176,6 +177,17 @@ async def test_build_only_the_names_asked_for(pool: KvPool) -> None:
         await built.close()
     with pytest.raises(ValueError, match="unknown KV transfer backend 'rdma'"):
         build(Setup(pool), names=("shm", "rdma"))
+
+
+@pytest.mark.skipif(nixl_module() is None, reason="NIXL is not installed (make setup installs nixl-cu12)")
+async def test_mutual_tls_leaves_nixl_out_saying_why(pool: KvPool) -> None:
+    """UCX does not encrypt: with TLS the KV leaves a host only through tcp (or staged)."""
+    built = build(Setup(pool, tls=ssl.create_default_context()))
+    try:
+        assert "nixl" not in built.by_name and "shm" in built.by_name and "tcp" in built.by_name
+        assert "mutual TLS" in built.missing["nixl"]
+    finally:
+        await built.close()
 
 
 # -- choose ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from kvtransfer.errors import LayoutMismatch, TransferError, TransferRefused
 from kvtransfer.handles import Handle, HandleRegistry
 from kvtransfer.host import host_id
 from kvtransfer.layout import KvLayout, compat_hash
-from kvtransfer.registry import AUTO_ORDER, Setup, Transports, build
+from kvtransfer.registry import Setup, Transports, build
 from kvtransfer.tcp import TcpTransferServer
 from kvtransfer.transport import CudaIpcSource, HandleRef, NixlSource, Transport
 from pdrouter_proto import worker_pb2 as pb
@@ -45,18 +45,12 @@ def layout_to_pb(layout: KvLayout) -> pb.KvLayout:
     return pb.KvLayout(**msgspec.structs.asdict(layout))
 
 
-def layout_from_pb(layout: pb.KvLayout) -> KvLayout:
-    return KvLayout(
-        dtype=layout.dtype,
-        num_layers=layout.num_layers,
-        num_kv_heads=layout.num_kv_heads,
-        head_dim=layout.head_dim,
-        block_size=layout.block_size,
-    )
-
-
-def _source_from_pb(msg, cls: type[msgspec.Struct]):
+def _struct_from_pb(msg, cls: type[msgspec.Struct]):
     return cls(**{f: getattr(msg, f) for f in cls.__struct_fields__})
+
+
+def layout_from_pb(layout: pb.KvLayout) -> KvLayout:
+    return _struct_from_pb(layout, KvLayout)
 
 
 def handle_ref(request_id: str, h: pb.KvHandle) -> HandleRef:
@@ -70,8 +64,8 @@ def handle_ref(request_id: str, h: pb.KvHandle) -> HandleRef:
         host_id=h.host_id,
         source_worker=h.worker_id,
         shm_name=h.shm_name,
-        nixl=_source_from_pb(h.nixl, NixlSource) if h.HasField("nixl") else None,
-        cuda_ipc=_source_from_pb(h.cuda_ipc, CudaIpcSource) if h.HasField("cuda_ipc") else None,
+        nixl=_struct_from_pb(h.nixl, NixlSource) if h.HasField("nixl") else None,
+        cuda_ipc=_struct_from_pb(h.cuda_ipc, CudaIpcSource) if h.HasField("cuda_ipc") else None,
     )
 
 
@@ -152,11 +146,7 @@ class KvAgent:
             raise ValueError("this engine's KV pool cannot be transferred")
         compat = compat_hash(engine.spec.name, pool.layout, version)
         server_tls, client_tls = tls or (None, None)
-        # NOTE: UCX does not encrypt; with mutual TLS on, KV leaves a host only through TLS (tcp, staged)
-        names = [n for n in AUTO_ORDER if not (tls and n == "nixl")]
-        transports = build(Setup(pool, compat, client_tls, worker_id), names)
-        if tls:
-            transports.missing["nixl"] = "off with mutual TLS (NIXL/UCX does not encrypt)"
+        transports = build(Setup(pool, compat, client_tls, worker_id))
         if backend not in (None, "auto") and backend not in transports.by_name:
             why = transports.missing.get(backend, "unknown backend")
             log.warning("--kv-transfer %s cannot run here (%s); choosing per handle", backend, why)

@@ -45,10 +45,6 @@ class CudaIpcTransport(OneSidedTransport):
             return f"cuda_ipc needs a pool on a CUDA device; this one is on {pool.device}"
         return None
 
-    @classmethod
-    def create(cls, setup, control: Control) -> CudaIpcTransport:
-        return cls(setup.pool, control, setup.compat_hash)
-
     def __init__(self, dst_pool, control: Control, compat_hash: str | None = None) -> None:
         import torch
 
